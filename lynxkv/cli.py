@@ -1,0 +1,190 @@
+"""The ``lynxkv`` command line.
+
+Exit codes: 0 success; 1 bad input or a failed operation (one line on stderr saying
+why); 2 bad usage (argparse's message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lynxkv.errors import LynxError
+
+__all__ = ["main"]
+
+CHUNK_SUFFIX = ".lkv"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _read_kv(path: Path) -> list[tuple[Any, Any]]:
+    """Per-layer (K, V) arrays from a safetensors file with tensors k.{i} and v.{i}."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CliError(f"cannot read {path} as safetensors: {exc}") from exc
+    layers = len(tensors) // 2
+    expected = {f"{kind}.{i}" for kind in ("k", "v") for i in range(layers)}
+    if set(tensors) != expected or not tensors:
+        names = ", ".join(sorted(tensors)[:6]) or "none"
+        raise CliError(f"{path} must hold tensors k.0..k.N and v.0..v.N only; it has: {names}")
+    return [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(layers)]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _object_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob(f"*{CHUNK_SUFFIX}"))
+        if not files:
+            raise CliError(f"{path} holds no {CHUNK_SUFFIX} objects")
+        return files
+    if not path.is_file():
+        raise CliError(f"{path}: no such file or folder")
+    return [path]
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from lynxkv.codec import encode_chunks, get_codec
+
+    codec = get_codec(args.codec)
+    kv = _read_kv(Path(args.input))
+    objects = encode_chunks(kv, codec, tokens_per_object=args.tokens_per_object, model=args.model)
+    out = Path(args.output)
+    if len(objects) == 1:
+        _write_atomic(out, objects[0])
+        print(f"wrote {out} ({len(objects[0])} bytes)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(objects):
+        _write_atomic(out / f"chunk-{i:05d}{CHUNK_SUFFIX}", data)
+    print(f"wrote {len(objects)} objects to {out}/ ({sum(map(len, objects))} bytes)")
+
+
+def cmd_decode(args: argparse.Namespace) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lynxkv.codec import decode
+    from lynxkv.codec.sections import DTYPES
+
+    decoded = [
+        decode(path.read_bytes(), part=args.part) for path in _object_files(Path(args.input))
+    ]
+    first = decoded[0].header
+    for obj in decoded[1:]:
+        h = obj.header
+        if (h.layers, h.kv_heads, h.head_dim, h.dtype) != (
+            first.layers,
+            first.kv_heads,
+            first.head_dim,
+            first.dtype,
+        ):
+            raise CliError(
+                "the objects in the folder do not share layers, heads, head dim and dtype"
+            )
+    dtype = DTYPES[first.dtype]
+    tensors = {}
+    for i in range(first.layers):
+        for j, kind in enumerate("kv"):
+            tensors[f"{kind}.{i}"] = np.concatenate([obj.kv[i][j] for obj in decoded]).astype(dtype)
+    save_file(tensors, args.output)
+    tokens = sum(o.header.tokens for o in decoded)
+    print(f"wrote {args.output} ({first.layers} layers, {tokens} tokens, {args.part})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from lynxkv.codec import parse_header
+    from lynxkv.codec.container import PREAMBLE, parse_preamble
+
+    headers = []
+    for path in _object_files(Path(args.input)):
+        with path.open("rb") as f:
+            head = f.read(PREAMBLE.size)
+            head += f.read(parse_preamble(head))
+            size = f.seek(0, os.SEEK_END)
+        header = parse_header(head)
+        if size != header.total:
+            raise CliError(f"{path} is {size} bytes; its header says {header.total}")
+        headers.append({"file": str(path), **header.to_json()})
+    print(json.dumps(headers[0] if len(headers) == 1 else {"objects": headers}, indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lynxkv", description="KV-cache storage and progressive streaming."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("encode", help="encode a safetensors KV cache into objects")
+    p.add_argument(
+        "input", metavar="IN.safetensors", help="tensors k.{layer} and v.{layer}, each [T, H, D]"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OBJ", help="object file, or folder when several"
+    )
+    p.add_argument(
+        "--codec", default="lynx-a4", help="codec preset (default lynx-a4; NAME+zstd compresses)"
+    )
+    p.add_argument(
+        "--tokens-per-object", type=int, default=256, metavar="N", help="tokens per object (256)"
+    )
+    p.add_argument("--model", default="", help="model fingerprint to record in the header")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode objects back into a safetensors KV cache")
+    p.add_argument("input", metavar="OBJ", help="object file or folder of objects")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    p.add_argument(
+        "--part", choices=["anchor", "full"], default="full", help="anchor alone or full (default)"
+    )
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("inspect", help="print an object's header as JSON")
+    p.add_argument("input", metavar="OBJ", help="object file or folder of objects")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="the main job: real model KV through the codec, end to end")
+    p.add_argument("--tokens", type=int, default=2048, help="context length in tokens (2048)")
+    p.add_argument("--codec", default="lynx-a4", help="codec preset (lynx-a4)")
+    p.add_argument("--out", default="out/demo", help="folder for the files it writes (out/demo)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from lynxkv.demo import run_demo
+
+    run_demo(tokens=args.tokens, codec=args.codec, out=Path(args.out), as_json=args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (CliError, LynxError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lynxkv: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The Lynx hierarchical log quantizer (docs/codec.md has the derivation and choices).
+
+Per layer and per K/V, on a [T, C] tensor (C = kv heads x head dim channels):
+
+1. page normalisation per channel over ``page_tokens`` tokens:
+   ``xn = (x - g_min) / (g_scale + EPS)`` in [0, 1];
+2. chunk isolation per channel over ``chunk_tokens`` tokens:
+   ``y = (xn - mu) / (sigma + EPS)`` in [-1, 1];
+3. log companding of ``|y|`` to ``I`` in [0, M], sign kept apart;
+4. split: anchor ``q`` (sign-aware, ``anchor_bits``), residual ``r`` (the other bits).
+
+Every metadata value is rounded to its stored precision *before* it is used to encode,
+so the decoder applies exactly the numbers the encoder used.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from lynxkv.codec.codes import EPS, Codes, f16_down, f16_up
+from lynxkv.codec.spec import CodecSpec
+
+__all__ = [
+    "SIGMA_U8_BIAS",
+    "SIGMA_U8_STEPS",
+    "anchor_levels",
+    "dequantize",
+    "full_codes",
+    "full_levels",
+    "meta_layout",
+    "quantize",
+    "sigma_table",
+]
+
+Part = Literal["anchor", "full"]
+
+#: u8 chunk scales are ``sigma = 2 ** ((k - SIGMA_U8_BIAS) / SIGMA_U8_STEPS)``: a 4.4%
+#: step, from 3.3e-5 (k = 0) to 2 (k = 255).
+SIGMA_U8_BIAS = 239
+SIGMA_U8_STEPS = 16
+
+
+def _pages_chunks(t: int, spec: CodecSpec) -> tuple[int, int]:
+    return -(-t // spec.page_tokens), -(-t // spec.chunk_tokens)
+
+
+def meta_layout(
+    spec: CodecSpec, t: int, c: int
+) -> list[tuple[str, np.dtype[np.generic], tuple[int, int]]]:
+    """Name, dtype and shape of each stored metadata array, in stored order."""
+    pages, chunks = _pages_chunks(t, spec)
+    chunk_dtype = np.dtype(np.uint8) if spec.chunk_meta == "u8" else np.dtype("<f2")
+    return [
+        ("g_min", np.dtype("<f2"), (pages, c)),
+        ("g_scale", np.dtype("<f2"), (pages, c)),
+        ("mu", chunk_dtype, (chunks, c)),
+        ("sigma", chunk_dtype, (chunks, c)),
+    ]
+
+
+@functools.cache
+def sigma_table() -> NDArray[np.float32]:
+    """The 256 chunk scales a u8 ``sigma`` field stands for."""
+    k = np.arange(256, dtype=np.float64)
+    return (2.0 ** ((k - SIGMA_U8_BIAS) / SIGMA_U8_STEPS)).astype(np.float32)
+
+
+def _expand(code: NDArray[np.float64], spec: CodecSpec) -> NDArray[np.float64]:
+    """Inverse companding: code (float, in units of I) to |y|."""
+    result: NDArray[np.float64] = np.expm1(code / spec.top_code * np.log1p(spec.alpha)) / spec.alpha
+    return result
+
+
+@functools.cache
+def full_levels(spec: CodecSpec) -> NDArray[np.float32]:
+    """|y| for each full magnitude code I in [0, M]."""
+    return _expand(np.arange(spec.top_code + 1, dtype=np.float64), spec).astype(np.float32)
+
+
+@functools.cache
+def anchor_levels(spec: CodecSpec) -> NDArray[np.float32]:
+    """|y| reconstructed from the anchor magnitude m alone: the middle, in |y|, of the
+    interval of |y| whose codes fall in bucket m (so the worst-case error is smallest)."""
+    r = spec.residual_bits
+    m = np.arange(2 ** (spec.anchor_bits - 1), dtype=np.float64)
+    lo = np.maximum(m * 2**r - 2 ** (r - 1) + 1, 0)
+    hi = np.minimum(m * 2**r + 2 ** (r - 1), spec.top_code)
+    y_lo = np.clip(_expand(lo - 0.5, spec), 0.0, 1.0)
+    y_hi = np.clip(_expand(hi + 0.5, spec), 0.0, 1.0)
+    return ((y_lo + y_hi) / 2).astype(np.float32)
+
+
+def _pad_rows(x: NDArray[np.float32], rows: int) -> NDArray[np.float32]:
+    """Pad to ``rows`` rows by repeating the last row (min and max are unchanged)."""
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
+def _groups(x: NDArray[np.float32], size: int) -> NDArray[np.float32]:
+    """[T, C] -> [ceil(T/size), size, C], the short last group padded by repetition."""
+    n = -(-x.shape[0] // size)
+    return _pad_rows(x, n * size).reshape(n, size, x.shape[1])
+
+
+def _expand_rows(per_group: NDArray[np.float32], size: int, t: int) -> NDArray[np.float32]:
+    return np.repeat(per_group, size, axis=0)[:t]
+
+
+def _page_meta(
+    x: NDArray[np.float32], spec: CodecSpec
+) -> tuple[NDArray[np.float16], NDArray[np.float16]]:
+    pages = _groups(x, spec.page_tokens)
+    g_min = f16_down(pages.min(axis=1))
+    g_scale = f16_up(pages.max(axis=1) - g_min.astype(np.float32))
+    return g_min, g_scale
+
+
+def _chunk_meta(
+    xn: NDArray[np.float32], spec: CodecSpec
+) -> tuple[NDArray[np.generic], NDArray[np.generic], NDArray[np.float32], NDArray[np.float32]]:
+    """Stored mu and sigma fields, and the float32 values they stand for."""
+    t, size = xn.shape[0], spec.chunk_tokens
+    chunks = _groups(xn, size)
+    counts = np.minimum(size, t - size * np.arange(chunks.shape[0]))
+    real = (np.arange(size)[None, :] < counts[:, None])[:, :, None]
+    mean = np.where(real, chunks, 0).sum(axis=1) / counts[:, None]
+    if spec.chunk_meta == "u8":
+        mu_field: NDArray[np.generic] = np.clip(np.rint(mean * 255), 0, 255).astype(np.uint8)
+        mu = mu_field.astype(np.float32) / np.float32(255)
+    else:
+        mu_field = mean.astype(np.float16)
+        mu = mu_field.astype(np.float32)
+    spread = np.abs(chunks - mu[:, None, :]).max(axis=1)
+    if spec.chunk_meta == "u8":
+        with np.errstate(divide="ignore"):
+            k = np.ceil(np.log2(spread) * SIGMA_U8_STEPS + SIGMA_U8_BIAS)
+        k = np.clip(np.nan_to_num(k, neginf=0.0), 0, 255).astype(np.int64)
+        table = sigma_table()
+        k = np.where((table[k] < spread) & (k < 255), k + 1, k)  # float rounding guard
+        sigma_field: NDArray[np.generic] = k.astype(np.uint8)
+        sigma = table[k]
+    else:
+        sigma_field = f16_up(spread.astype(np.float32))
+        sigma = sigma_field.astype(np.float32)
+    return mu_field, sigma_field, mu.astype(np.float32), sigma
+
+
+def _chunk_values(
+    meta: tuple[NDArray[np.generic], ...], spec: CodecSpec
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    mu_field, sigma_field = meta[2], meta[3]
+    if spec.chunk_meta == "u8":
+        return mu_field.astype(np.float32) / np.float32(255), sigma_table()[sigma_field]
+    return mu_field.astype(np.float32), sigma_field.astype(np.float32)
+
+
+def quantize(x: NDArray[np.float32], spec: CodecSpec) -> Codes:
+    """Encode ``x`` [T, C] float32 (finite) into metadata, anchor and residual fields."""
+    t = x.shape[0]
+    a_bits, r_bits = spec.anchor_bits, spec.residual_bits
+    g_min, g_scale = _page_meta(x, spec)
+    xn = (x - _expand_rows(g_min.astype(np.float32), spec.page_tokens, t)) / (
+        _expand_rows(g_scale.astype(np.float32), spec.page_tokens, t) + EPS
+    )
+    mu_field, sigma_field, mu, sigma = _chunk_meta(xn, spec)
+    y = (xn - _expand_rows(mu, spec.chunk_tokens, t)) / (
+        _expand_rows(sigma, spec.chunk_tokens, t) + EPS
+    )
+    y = np.clip(y, -1.0, 1.0)
+    compand = np.log1p(np.float32(spec.alpha) * np.abs(y)) / np.float32(np.log1p(spec.alpha))
+    code = np.clip(np.rint(compand * spec.top_code), 0, spec.top_code).astype(np.int16)
+    m = (code + (2 ** (r_bits - 1) - 1)) >> r_bits
+    q = np.where(y < 0, -(m + 1), m)
+    r = m * 2**r_bits - code
+    anchor = (q & (2**a_bits - 1)).astype(np.uint8)
+    residual = (r + 2 ** (r_bits - 1)).astype(np.uint8)
+    return Codes(meta=(g_min, g_scale, mu_field, sigma_field), anchor=anchor, residual=residual)
+
+
+def _signed_anchor(anchor: NDArray[np.uint8], spec: CodecSpec) -> NDArray[np.int16]:
+    q = anchor.astype(np.int16)
+    half = 2 ** (spec.anchor_bits - 1)
+    return np.where(q >= half, q - 2 * half, q).astype(np.int16)
+
+
+def full_codes(
+    anchor: NDArray[np.uint8], residual: NDArray[np.uint8], spec: CodecSpec
+) -> NDArray[np.int16]:
+    """The signed full code ``±I`` (negative for negative values, -0 kept as sign via -(I+1)).
+
+    Returned as ``I`` where the value is non-negative and ``-(I + 1)`` where it is
+    negative, so that the mapping is one-to-one.
+    """
+    q = _signed_anchor(anchor, spec)
+    neg = q < 0
+    m = np.where(neg, -q - 1, q)
+    code = m * 2**spec.residual_bits - (residual.astype(np.int16) - 2 ** (spec.residual_bits - 1))
+    out: NDArray[np.int16] = np.where(neg, -code - 1, code).astype(np.int16)
+    return out
+
+
+def dequantize(codes: Codes, spec: CodecSpec, part: Part) -> NDArray[np.float32]:
+    """Reconstruct [T, C] float32 from the anchor alone or from anchor and residual."""
+    t = codes.anchor.shape[0]
+    q = _signed_anchor(codes.anchor, spec)
+    neg = q < 0
+    m = np.where(neg, -q - 1, q)
+    if part == "anchor":
+        mag = anchor_levels(spec)[m]
+    else:
+        code = m * 2**spec.residual_bits - (
+            codes.residual.astype(np.int16) - 2 ** (spec.residual_bits - 1)
+        )
+        mag = full_levels(spec)[np.clip(code, 0, spec.top_code)]
+    y = np.where(neg, -mag, mag)
+    mu, sigma = _chunk_values(codes.meta, spec)
+    xn = (
+        _expand_rows(mu, spec.chunk_tokens, t)
+        + (_expand_rows(sigma, spec.chunk_tokens, t) + EPS) * y
+    )
+    g_min = codes.meta[0].astype(np.float32)
+    g_scale = codes.meta[1].astype(np.float32)
+    out: NDArray[np.float32] = (
+        _expand_rows(g_min, spec.page_tokens, t)
+        + (_expand_rows(g_scale, spec.page_tokens, t) + EPS) * xn
+    )
+    return out

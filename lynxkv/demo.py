@@ -1,0 +1,1 @@
+"""The main job, placeholder until the model loader lands (replaced below)."""
