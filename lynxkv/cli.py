@@ -159,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="OBJ", help="object file or folder of objects")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("serve", help="run the kvstore daemon (HTTP API v1, docs/http-api.md)")
+    _serve_arguments(p)
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("demo", help="the main job: real model KV through the codec, end to end")
     p.add_argument("--tokens", type=int, default=2048, help="context length in tokens (2048)")
     p.add_argument("--codec", default="lynx-a4", help="codec preset (lynx-a4)")
@@ -166,6 +170,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from lynxkv.kvstore.config import add_arguments
+    except ImportError:  # the server extra is missing: serve will say so when run
+        return
+    add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from lynxkv.kvstore.config import load_config
+        from lynxkv.kvstore.serve import serve
+    except ImportError as exc:
+        raise CliError(f"{exc.name} is not installed: pip install 'lynxkv[server]'") from exc
+    try:
+        config = load_config(args, os.environ)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    serve(config)
 
 
 def _demo(args: argparse.Namespace) -> None:

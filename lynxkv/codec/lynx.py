@@ -48,17 +48,23 @@ def _pages_chunks(t: int, spec: CodecSpec) -> tuple[int, int]:
     return -(-t // spec.page_tokens), -(-t // spec.chunk_tokens)
 
 
+def _by_token(spec: CodecSpec, kv: str) -> bool:
+    return kv == "v" and spec.v_chunk == "token"
+
+
 def meta_layout(
-    spec: CodecSpec, t: int, c: int
+    spec: CodecSpec, kv: str, t: int, heads: int, dim: int
 ) -> list[tuple[str, np.dtype[np.generic], tuple[int, int]]]:
     """Name, dtype and shape of each stored metadata array, in stored order."""
     pages, chunks = _pages_chunks(t, spec)
+    c = heads * dim
     chunk_dtype = np.dtype(np.uint8) if spec.chunk_meta == "u8" else np.dtype("<f2")
+    chunk_shape = (t, heads) if _by_token(spec, kv) else (chunks, c)
     return [
         ("g_min", np.dtype("<f2"), (pages, c)),
         ("g_scale", np.dtype("<f2"), (pages, c)),
-        ("mu", chunk_dtype, (chunks, c)),
-        ("sigma", chunk_dtype, (chunks, c)),
+        ("mu", chunk_dtype, chunk_shape),
+        ("sigma", chunk_dtype, chunk_shape),
     ]
 
 
@@ -69,28 +75,28 @@ def sigma_table() -> NDArray[np.float32]:
     return (2.0 ** ((k - SIGMA_U8_BIAS) / SIGMA_U8_STEPS)).astype(np.float32)
 
 
-def _expand(code: NDArray[np.float64], spec: CodecSpec) -> NDArray[np.float64]:
+def _expand(code: NDArray[np.float64], spec: CodecSpec, alpha: float) -> NDArray[np.float64]:
     """Inverse companding: code (float, in units of I) to |y|."""
-    result: NDArray[np.float64] = np.expm1(code / spec.top_code * np.log1p(spec.alpha)) / spec.alpha
+    result: NDArray[np.float64] = np.expm1(code / spec.top_code * np.log1p(alpha)) / alpha
     return result
 
 
 @functools.cache
-def full_levels(spec: CodecSpec) -> NDArray[np.float32]:
+def full_levels(spec: CodecSpec, alpha: float) -> NDArray[np.float32]:
     """|y| for each full magnitude code I in [0, M]."""
-    return _expand(np.arange(spec.top_code + 1, dtype=np.float64), spec).astype(np.float32)
+    return _expand(np.arange(spec.top_code + 1, dtype=np.float64), spec, alpha).astype(np.float32)
 
 
 @functools.cache
-def anchor_levels(spec: CodecSpec) -> NDArray[np.float32]:
+def anchor_levels(spec: CodecSpec, alpha: float) -> NDArray[np.float32]:
     """|y| reconstructed from the anchor magnitude m alone: the middle, in |y|, of the
     interval of |y| whose codes fall in bucket m (so the worst-case error is smallest)."""
     r = spec.residual_bits
     m = np.arange(2 ** (spec.anchor_bits - 1), dtype=np.float64)
     lo = np.maximum(m * 2**r - 2 ** (r - 1) + 1, 0)
     hi = np.minimum(m * 2**r + 2 ** (r - 1), spec.top_code)
-    y_lo = np.clip(_expand(lo - 0.5, spec), 0.0, 1.0)
-    y_hi = np.clip(_expand(hi + 0.5, spec), 0.0, 1.0)
+    y_lo = np.clip(_expand(lo - 0.5, spec, alpha), 0.0, 1.0)
+    y_hi = np.clip(_expand(hi + 0.5, spec, alpha), 0.0, 1.0)
     return ((y_lo + y_hi) / 2).astype(np.float32)
 
 
@@ -120,15 +126,38 @@ def _page_meta(
     return g_min, g_scale
 
 
+def _chunk_groups(
+    xn: NDArray[np.float32], spec: CodecSpec, kv: str, heads: int
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """The chunks of ``xn`` [T, C] as [G, n, W] (statistics run over axis 1), and the
+    count of real (not padding) entries of each of the G rows."""
+    t = xn.shape[0]
+    if _by_token(spec, kv):  # [T, H, D] -> [T, D, H]: one chunk per token and head
+        dim = xn.shape[1] // heads
+        return xn.reshape(t, heads, dim).transpose(0, 2, 1), np.full(t, dim)
+    size = spec.chunk_tokens
+    chunks = _groups(xn, size)
+    return chunks, np.minimum(size, t - size * np.arange(chunks.shape[0]))
+
+
+def _broadcast_chunks(
+    per_chunk: NDArray[np.float32], spec: CodecSpec, kv: str, t: int, c: int
+) -> NDArray[np.float32]:
+    """Chunk values ([G, W]) to every element ([T, C])."""
+    if _by_token(spec, kv):
+        return np.repeat(per_chunk, c // per_chunk.shape[1], axis=1)
+    return _expand_rows(per_chunk, spec.chunk_tokens, t)
+
+
 def _chunk_meta(
-    xn: NDArray[np.float32], spec: CodecSpec
+    chunks: NDArray[np.float32], counts: NDArray[np.int64], spec: CodecSpec
 ) -> tuple[NDArray[np.generic], NDArray[np.generic], NDArray[np.float32], NDArray[np.float32]]:
     """Stored mu and sigma fields, and the float32 values they stand for."""
-    t, size = xn.shape[0], spec.chunk_tokens
-    chunks = _groups(xn, size)
-    counts = np.minimum(size, t - size * np.arange(chunks.shape[0]))
-    real = (np.arange(size)[None, :] < counts[:, None])[:, :, None]
-    mean = np.where(real, chunks, 0).sum(axis=1) / counts[:, None]
+    if spec.center == "mean":
+        real = (np.arange(chunks.shape[1])[None, :] < counts[:, None])[:, :, None]
+        mean = np.where(real, chunks, 0).sum(axis=1) / counts[:, None]
+    else:  # the middle of the range: the tightest sigma (chunks pad by repetition)
+        mean = (chunks.max(axis=1) + chunks.min(axis=1)) / 2
     if spec.chunk_meta == "u8":
         mu_field: NDArray[np.generic] = np.clip(np.rint(mean * 255), 0, 255).astype(np.uint8)
         mu = mu_field.astype(np.float32) / np.float32(255)
@@ -159,20 +188,23 @@ def _chunk_values(
     return mu_field.astype(np.float32), sigma_field.astype(np.float32)
 
 
-def quantize(x: NDArray[np.float32], spec: CodecSpec) -> Codes:
-    """Encode ``x`` [T, C] float32 (finite) into metadata, anchor and residual fields."""
+def quantize(x: NDArray[np.float32], spec: CodecSpec, kv: str, heads: int = 1) -> Codes:
+    """Encode ``x`` [T, C] float32 (finite), K (``"k"``) or V, into metadata, anchor and
+    residual fields."""
+    alpha = spec.alpha(kv)
     t = x.shape[0]
     a_bits, r_bits = spec.anchor_bits, spec.residual_bits
     g_min, g_scale = _page_meta(x, spec)
     xn = (x - _expand_rows(g_min.astype(np.float32), spec.page_tokens, t)) / (
         _expand_rows(g_scale.astype(np.float32), spec.page_tokens, t) + EPS
     )
-    mu_field, sigma_field, mu, sigma = _chunk_meta(xn, spec)
-    y = (xn - _expand_rows(mu, spec.chunk_tokens, t)) / (
-        _expand_rows(sigma, spec.chunk_tokens, t) + EPS
+    mu_field, sigma_field, mu, sigma = _chunk_meta(*_chunk_groups(xn, spec, kv, heads), spec)
+    c = x.shape[1]
+    y = (xn - _broadcast_chunks(mu, spec, kv, t, c)) / (
+        _broadcast_chunks(sigma, spec, kv, t, c) + EPS
     )
     y = np.clip(y, -1.0, 1.0)
-    compand = np.log1p(np.float32(spec.alpha) * np.abs(y)) / np.float32(np.log1p(spec.alpha))
+    compand = np.log1p(np.float32(alpha) * np.abs(y)) / np.float32(np.log1p(alpha))
     code = np.clip(np.rint(compand * spec.top_code), 0, spec.top_code).astype(np.int16)
     m = (code + (2 ** (r_bits - 1) - 1)) >> r_bits
     q = np.where(y < 0, -(m + 1), m)
@@ -204,24 +236,25 @@ def full_codes(
     return out
 
 
-def dequantize(codes: Codes, spec: CodecSpec, part: Part) -> NDArray[np.float32]:
+def dequantize(codes: Codes, spec: CodecSpec, kv: str, part: Part) -> NDArray[np.float32]:
     """Reconstruct [T, C] float32 from the anchor alone or from anchor and residual."""
+    alpha = spec.alpha(kv)
     t = codes.anchor.shape[0]
     q = _signed_anchor(codes.anchor, spec)
     neg = q < 0
     m = np.where(neg, -q - 1, q)
     if part == "anchor":
-        mag = anchor_levels(spec)[m]
+        mag = anchor_levels(spec, alpha)[m]
     else:
         code = m * 2**spec.residual_bits - (
             codes.residual.astype(np.int16) - 2 ** (spec.residual_bits - 1)
         )
-        mag = full_levels(spec)[np.clip(code, 0, spec.top_code)]
+        mag = full_levels(spec, alpha)[np.clip(code, 0, spec.top_code)]
     y = np.where(neg, -mag, mag)
     mu, sigma = _chunk_values(codes.meta, spec)
+    c = codes.anchor.shape[1]
     xn = (
-        _expand_rows(mu, spec.chunk_tokens, t)
-        + (_expand_rows(sigma, spec.chunk_tokens, t) + EPS) * y
+        _broadcast_chunks(mu, spec, kv, t, c) + (_broadcast_chunks(sigma, spec, kv, t, c) + EPS) * y
     )
     g_min = codes.meta[0].astype(np.float32)
     g_scale = codes.meta[1].astype(np.float32)

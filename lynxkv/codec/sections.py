@@ -52,7 +52,7 @@ def raw_dtype(source: str) -> np.dtype[np.generic]:
 
 def _meta_layout(spec: CodecSpec, kv: KV, t: int, heads: int, dim: int) -> MetaLayout:
     if spec.kind == "lynx":
-        return lynx.meta_layout(spec, t, heads * dim)
+        return lynx.meta_layout(spec, kv, t, heads, dim)
     if spec.kind == "uniform":
         return uniform.meta_layout(spec, kv, t, heads, dim)
     return []
@@ -95,7 +95,7 @@ def encode_tensor(
     if spec.kind == "raw":
         return x32.astype(raw_dtype(source)).tobytes(), b""
     if spec.kind == "lynx":
-        codes = lynx.quantize(x32.reshape(t, heads * dim), spec)
+        codes = lynx.quantize(x32.reshape(t, heads * dim), spec, kv, heads)
     else:
         codes = uniform.quantize(x32, spec, kv)
     meta = b"".join(np.ascontiguousarray(m).tobytes() for m in codes.meta)
@@ -151,7 +151,7 @@ def decode_tensor(
     codes = parse_codes(spec, kv, shape, anchor, residual)
     part: Part = "anchor" if residual is None else "full"
     if spec.kind == "lynx":
-        flat = lynx.dequantize(codes, spec, part)
+        flat = lynx.dequantize(codes, spec, kv, part)
     else:
         flat = uniform.dequantize(codes, spec, kv, heads, dim, part)
     return flat.reshape(shape)

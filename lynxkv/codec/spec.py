@@ -23,6 +23,9 @@ CODE_BITS = 8
 
 Kind = Literal["lynx", "uniform", "raw"]
 ChunkMeta = Literal["u8", "f16"]
+Center = Literal["mean", "mid"]
+Groups = Literal["kivi", "token"]
+VChunk = Literal["channel", "token"]
 _KINDS = ("lynx", "uniform", "raw")
 
 
@@ -44,8 +47,18 @@ class CodecSpec:
     anchor_bits: int = 4
     page_tokens: int = 256
     chunk_tokens: int = 32
-    alpha: float = 8.0
+    #: log-companding skew for K and for V (near 0: uniform steps; larger: finer near mu)
+    alpha_k: float = 8.0
+    alpha_v: float = 8.0
     chunk_meta: ChunkMeta = "u8"
+    center: Center = "mean"
+    #: lynx only: a V chunk is one channel over ``chunk_tokens`` tokens (``channel``, the
+    #: paper's) or one token over a head's channels (``token``); K chunks are always
+    #: per channel.
+    v_chunk: VChunk = "channel"
+    #: uniform only: ``kivi`` groups K per channel over a chunk and V per token;
+    #: ``token`` groups both per token over a head's channels (plain per-token int4/int8)
+    groups: Groups = "kivi"
     zstd_anchor: bool = False
     zstd_residual: bool = False
 
@@ -64,12 +77,23 @@ class CodecSpec:
                 f"page_tokens ({self.page_tokens}) must be a multiple of "
                 f"chunk_tokens ({self.chunk_tokens})"
             )
-        if not (self.alpha > 0 and self.alpha < 1e6):
-            raise CodecError(f"alpha must be in (0, 1e6), got {self.alpha}")
+        for name, alpha in (("alpha_k", self.alpha_k), ("alpha_v", self.alpha_v)):
+            if not 0 < alpha < 1e6:
+                raise CodecError(f"{name} must be in (0, 1e6), got {alpha}")
+        if self.center not in ("mean", "mid"):
+            raise CodecError(f"center must be 'mean' or 'mid', got {self.center!r}")
+        if self.v_chunk not in ("channel", "token"):
+            raise CodecError(f"v_chunk must be 'channel' or 'token', got {self.v_chunk!r}")
+        if self.groups not in ("kivi", "token"):
+            raise CodecError(f"groups must be 'kivi' or 'token', got {self.groups!r}")
         if self.chunk_meta not in ("u8", "f16"):
             raise CodecError(f"chunk_meta must be 'u8' or 'f16', got {self.chunk_meta!r}")
         if self.kind == "raw" and self.zstd_residual:
             raise CodecError("the raw codec has no residual stream to compress")
+
+    def alpha(self, kv: str) -> float:
+        """The companding skew of K (``"k"``) or V (``"v"``)."""
+        return self.alpha_k if kv == "k" else self.alpha_v
 
     @property
     def residual_bits(self) -> int:
@@ -109,8 +133,12 @@ class CodecSpec:
             "anchor_bits": int,
             "page_tokens": int,
             "chunk_tokens": int,
-            "alpha": (int, float),
+            "alpha_k": (int, float),
+            "alpha_v": (int, float),
             "chunk_meta": str,
+            "center": str,
+            "groups": str,
+            "v_chunk": str,
             "zstd_anchor": bool,
             "zstd_residual": bool,
         }
@@ -124,7 +152,16 @@ class CodecSpec:
 
 
 def _lynx(name: str, anchor_bits: int, **kw: Any) -> CodecSpec:
-    return CodecSpec(name=name, kind="lynx", anchor_bits=anchor_bits, **kw)
+    # Our defaults, measured on SmolLM2 (docs/codec.md): chunks centred on the middle of
+    # their range, near-uniform steps for K, V chunked per token over a head.
+    settings: dict[str, Any] = {
+        "center": "mid",
+        "alpha_k": 0.05,
+        "alpha_v": 0.5,
+        "v_chunk": "token",
+        **kw,
+    }
+    return CodecSpec(name=name, kind="lynx", anchor_bits=anchor_bits, **settings)
 
 
 #: The named presets. ``get_codec`` also accepts ``NAME+zstd`` for any of them.
@@ -133,9 +170,22 @@ CODECS: dict[str, CodecSpec] = {
     "lynx-a3": _lynx("lynx-a3", 3),
     "lynx-a4": _lynx("lynx-a4", 4),
     "lynx-a6": _lynx("lynx-a6", 6),
-    # The paper's metadata: mean and max of every chunk in float16 (1.1 bit/element).
-    "lynx-a4-f16meta": _lynx("lynx-a4-f16meta", 4, chunk_meta="f16"),
+    # The paper's scheme as DESIGN.md summarises it: chunk mean, per-channel V chunks,
+    # float16 chunk metadata (1.1 bit/element); alpha is not given there: 1.0 is ours.
+    "lynx-a4-paper": _lynx(
+        "lynx-a4-paper",
+        4,
+        center="mean",
+        alpha_k=1.0,
+        alpha_v=1.0,
+        v_chunk="channel",
+        chunk_meta="f16",
+    ),
     "uniform-a4": CodecSpec(name="uniform-a4", kind="uniform", anchor_bits=4),
+    # Plain per-token int4 / int8 (no per-channel K groups): the usual naive baseline.
+    "uniform-tok-a4": CodecSpec(
+        name="uniform-tok-a4", kind="uniform", anchor_bits=4, groups="token"
+    ),
     "raw": CodecSpec(name="raw", kind="raw", anchor_bits=16),
 }
 

@@ -28,15 +28,19 @@ def meta_layout(
     spec: CodecSpec, kv: KV, t: int, heads: int, dim: int
 ) -> list[tuple[str, np.dtype[np.generic], tuple[int, int]]]:
     """Name, dtype and shape of each stored metadata array, in stored order."""
-    shape = (-(-t // spec.chunk_tokens), heads * dim) if kv == "k" else (t, heads)
+    shape = (-(-t // spec.chunk_tokens), heads * dim) if _by_channel(spec, kv) else (t, heads)
     return [("min", np.dtype("<f2"), shape), ("scale", np.dtype("<f2"), shape)]
+
+
+def _by_channel(spec: CodecSpec, kv: KV) -> bool:
+    return kv == "k" and spec.groups == "kivi"
 
 
 def _per_element(
     per_group: NDArray[np.float32], spec: CodecSpec, kv: KV, t: int, dim: int
 ) -> NDArray[np.float32]:
     """Broadcast group values to [T, C]."""
-    if kv == "k":
+    if _by_channel(spec, kv):
         return np.repeat(per_group, spec.chunk_tokens, axis=0)[:t]
     return np.repeat(per_group, dim, axis=1)
 
@@ -45,7 +49,7 @@ def quantize(x: NDArray[np.float32], spec: CodecSpec, kv: KV) -> Codes:
     """Encode ``x`` [T, H, D] float32 (finite)."""
     t, heads, dim = x.shape
     flat = x.reshape(t, heads * dim)
-    if kv == "k":
+    if _by_channel(spec, kv):
         n = -(-t // spec.chunk_tokens)
         pad = np.concatenate([flat, np.repeat(flat[-1:], n * spec.chunk_tokens - t, axis=0)])
         groups = pad.reshape(n, spec.chunk_tokens, heads * dim)

@@ -64,8 +64,9 @@ def test_raw_has_no_residual() -> None:
 def test_lynx_a4_bits_per_element_on_full_pages() -> None:
     data = encode(make_kv(3, layers=1, tokens=256), "lynx-a4")
     streams = parse_header(data).to_json()["streams"]
-    # 4 code bits + page meta (2 x 16 / 256) + chunk meta (2 x 8 / 32) = 4.625
-    assert 4.625 <= streams["anchor"]["bits_per_element"] < 4.64
+    # 4 code bits + page meta (2 x 16 / 256); chunk meta (2 x 8 bits) per 32 tokens of a
+    # K channel, per 64 channels of a V token: K 4.625, V 4.375
+    assert streams["anchor"]["bits_per_element"] == pytest.approx(4.5)
     assert streams["residual"]["bits_per_element"] == 4.0
 
 

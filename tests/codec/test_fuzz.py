@@ -9,7 +9,7 @@ from lynxkv.errors import FormatError
 
 from .kvgen import make_kv
 
-NAMES = ["lynx-a4", "lynx-a2+zstd", "lynx-a6", "uniform-a4+zstd", "raw", "lynx-a4-f16meta"]
+NAMES = ["lynx-a4", "lynx-a2+zstd", "lynx-a6", "uniform-a4+zstd", "raw", "lynx-a4-paper"]
 OBJECTS = {name: encode(make_kv(11, layers=2, tokens=33, heads=2, dim=8), name) for name in NAMES}
 
 

@@ -23,14 +23,26 @@ def _chunk_values(codes: Codes, spec: CodecSpec) -> tuple[NDArray[np.float32], N
     return codes.meta[2].astype(np.float32), codes.meta[3].astype(np.float32)
 
 
-def _normalised(x: NDArray[np.float32], codes: Codes, spec: CodecSpec) -> NDArray[np.float32]:
+HEADS = 2  # the samples' C channels are 2 heads of C/2
+
+
+def _chunks_to_elements(per_chunk: NDArray[Any], spec: CodecSpec, kv: str, t: int) -> NDArray[Any]:
+    if kv == "v" and spec.v_chunk == "token":  # [T, H] -> [T, H*D]
+        return np.repeat(per_chunk, 48 // HEADS if per_chunk.shape[1] == HEADS else 1, axis=1)
+    return _rows(per_chunk, spec.chunk_tokens, t)
+
+
+def _normalised(
+    x: NDArray[np.float32], codes: Codes, spec: CodecSpec, kv: str = "k"
+) -> NDArray[np.float32]:
     """y in [-1, 1], recomputed from x and the stored metadata."""
     t = x.shape[0]
     xn = (x - _rows(codes.meta[0], spec.page_tokens, t)) / (
         _rows(codes.meta[1], spec.page_tokens, t) + EPS
     )
     mu, sigma = _chunk_values(codes, spec)
-    y = (xn - _rows(mu, spec.chunk_tokens, t)) / (_rows(sigma, spec.chunk_tokens, t) + EPS)
+    mu, sigma = (_chunks_to_elements(v, spec, kv, t) for v in (mu, sigma))
+    y = (xn - mu) / (sigma + EPS)
     return np.clip(y, -1, 1)
 
 
@@ -42,16 +54,16 @@ def _sample(seed: int, t: int, c: int = 48) -> NDArray[np.float32]:
 
 @pytest.mark.parametrize("name", LYNX)
 @pytest.mark.parametrize("t", [1, 31, 33, 256, 300])
-def test_anchor_and_residual_give_back_the_full_code_exactly(name: str, t: int) -> None:
+@pytest.mark.parametrize("kv", ["k", "v"])
+def test_anchor_and_residual_give_back_the_full_code_exactly(name: str, t: int, kv: str) -> None:
     spec = CODECS[name]
     x = _sample(t, t)
-    codes = lynx.quantize(x, spec)
-    y = _normalised(x, codes, spec)
+    codes = lynx.quantize(x, spec, kv, HEADS)
+    y = _normalised(x, codes, spec, kv)
+    alpha = spec.alpha(kv)
     expected = np.clip(
         np.rint(
-            np.log1p(np.float32(spec.alpha) * np.abs(y))
-            / np.float32(np.log1p(spec.alpha))
-            * spec.top_code
+            np.log1p(np.float32(alpha) * np.abs(y)) / np.float32(np.log1p(alpha)) * spec.top_code
         ),
         0,
         spec.top_code,
@@ -86,16 +98,16 @@ def _max_gap(levels: NDArray[np.float32]) -> float:
 def test_reconstruction_errors_are_bounded_by_the_bucket_widths(name: str) -> None:
     spec = CODECS[name]
     x = _sample(7, 300)
-    codes = lynx.quantize(x, spec)
+    codes = lynx.quantize(x, spec, "k")
     y = _normalised(x, codes, spec)
     t = x.shape[0]
     _, sigma = _chunk_values(codes, spec)
     unit = (_rows(codes.meta[1], spec.page_tokens, t) + EPS) * (
         _rows(sigma, spec.chunk_tokens, t) + EPS
     )
-    full = lynx.dequantize(codes, spec, "full")
-    anchor = lynx.dequantize(codes, spec, "anchor")
-    levels = lynx.full_levels(spec)
+    full = lynx.dequantize(codes, spec, "k", "full")
+    anchor = lynx.dequantize(codes, spec, "k", "anchor")
+    levels = lynx.full_levels(spec, spec.alpha_k)
     # full: half the widest step between codes; anchor: half the widest bucket
     assert np.all(np.abs(full - x) <= unit * (_max_gap(levels) / 2 + 1e-4) + 1e-5)
     bucket = 2**spec.residual_bits
@@ -117,9 +129,9 @@ def test_small_negative_values_keep_their_sign_in_the_anchor() -> None:
     x = np.zeros((32, 1), dtype=np.float32)
     x[:, 0] = np.linspace(-1, 1, 32)
     x[5, 0] = -1e-3
-    codes = lynx.quantize(x, spec)
+    codes = lynx.quantize(x, spec, "k")
     y = _normalised(x, codes, spec)
-    anchor = lynx.dequantize(codes, spec, "anchor")
+    anchor = lynx.dequantize(codes, spec, "k", "anchor")
     mean = np.float32(codes.meta[2][0, 0]) / 255 * (codes.meta[1][0, 0] + EPS) + codes.meta[0][0, 0]
     assert np.array_equal(np.sign(anchor[:, 0] - mean), np.sign(y[:, 0]) + (y[:, 0] == 0))
 
@@ -130,18 +142,18 @@ def test_constant_and_zero_channels_reconstruct_closely() -> None:
     x[:, 2] = -1e-3
     for name in LYNX:
         spec = CODECS[name]
-        codes = lynx.quantize(x, spec)
+        codes = lynx.quantize(x, spec, "k")
         for part in ("anchor", "full"):
-            np.testing.assert_allclose(lynx.dequantize(codes, spec, part), x, atol=1e-3)
+            np.testing.assert_allclose(lynx.dequantize(codes, spec, "k", part), x, atol=1e-3)
 
 
 def test_metadata_shapes_follow_pages_and_chunks() -> None:
     spec = CODECS["lynx-a4"]
-    codes = lynx.quantize(_sample(3, 300, c=10), spec)
+    codes = lynx.quantize(_sample(3, 300, c=10), spec, "k")
     assert [m.shape for m in codes.meta] == [(2, 10), (2, 10), (10, 10), (10, 10)]
     assert [m.dtype for m in codes.meta] == [np.float16, np.float16, np.uint8, np.uint8]
     paper = dataclasses.replace(spec, chunk_meta="f16")
-    assert [m.dtype for m in lynx.quantize(_sample(3, 300, c=10), paper).meta][2:] == [
+    assert [m.dtype for m in lynx.quantize(_sample(3, 300, c=10), paper, "k").meta][2:] == [
         np.float16
     ] * 2
 
@@ -149,7 +161,7 @@ def test_metadata_shapes_follow_pages_and_chunks() -> None:
 def test_u8_sigma_covers_every_chunk() -> None:
     spec = CODECS["lynx-a4"]
     x = _sample(11, 256)
-    codes = lynx.quantize(x, spec)
+    codes = lynx.quantize(x, spec, "k")
     y_unclipped = _normalised(x * 1, codes, spec)
     assert np.abs(y_unclipped).max() <= 1.0 + 1e-6
 
@@ -164,9 +176,9 @@ def test_u8_sigma_covers_every_chunk() -> None:
 def test_property_round_trip(seed: int, t: int, scale: float, name: str) -> None:
     spec = CODECS[name]
     x = _sample(seed, t, c=8) * np.float32(scale)
-    codes = lynx.quantize(x, spec)
-    full = lynx.dequantize(codes, spec, "full")
-    anchor = lynx.dequantize(codes, spec, "anchor")
+    codes = lynx.quantize(x, spec, "k")
+    full = lynx.dequantize(codes, spec, "k", "full")
+    anchor = lynx.dequantize(codes, spec, "k", "anchor")
     span = x.max(axis=0) - x.min(axis=0) + 1e-6
     ulps = np.abs(x) * 1e-6  # float32 rounding of values far from zero
     assert np.all(np.abs(full - x) <= span * 0.05 + ulps + 1e-6)

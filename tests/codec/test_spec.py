@@ -47,8 +47,11 @@ def test_unknown_codec(name: str) -> None:
         ({"anchor_bits": 7}, "anchor_bits"),
         ({"page_tokens": 100}, "multiple of"),
         ({"chunk_tokens": 0}, "positive"),
-        ({"alpha": 0.0}, "alpha"),
-        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha_k": 0.0}, "alpha_k"),
+        ({"alpha_v": float("nan")}, "alpha_v"),
+        ({"center": "median"}, "center"),
+        ({"v_chunk": "head"}, "v_chunk"),
+        ({"groups": "tensor"}, "groups"),
         ({"chunk_meta": "u4"}, "chunk_meta"),
     ],
 )

@@ -1,0 +1,34 @@
+"""Session fixtures shared by the whole suite: the real model and its KV cache."""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers is imported anywhere: the model comes from the installed wheel,
+# and a test must never reach for the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from typing import Any
+
+import pytest
+
+from lynxkv.connector.model import LoadedModel, load_model, prefill_kv
+from lynxkv.connector.texts import make_document
+from lynxkv.errors import MissingDependency
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """SmolLM2-135M-Instruct in bf16 on the CPU; skips where the engine extra is missing."""
+    try:
+        return load_model(dtype="bfloat16", device="cpu")
+    except MissingDependency as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def real_kv(smollm: LoadedModel) -> list[tuple[Any, Any]]:
+    """The real KV cache of a generated 300-token report: 30 layers of [300, 3, 64] bf16."""
+    tok = smollm.tokenizer
+    doc = make_document(seed=3, tokens=300, count_tokens=lambda s: len(tok(s).input_ids))
+    return prefill_kv(smollm.model, tok(doc.text).input_ids[:300])
