@@ -1,0 +1,695 @@
+"""GET and ``/v1/stream`` throughput of ``lynxkv serve`` against nginx, on the same bytes.
+
+One run starts the lynxkv server (a subprocess, on a temp LMDB data dir) and nginx (a
+subprocess, ``sendfile on``, one worker, serving the same bytes as static files), both
+on 127.0.0.1; uploads N codec objects of ~64 MiB; checks once per system that the bytes
+served are the object's (SHA-256; stream frames parsed with ``FrameParser``); then
+measures body throughput at 1, 4 and 16 concurrent keep-alive connections for:
+
+- ``lynxkv GET``     GET /v1/kv/{key}, whole objects;
+- ``lynxkv stream``  POST /v1/stream, ``--stream-keys`` objects per request, both parts;
+- ``nginx GET``      GET /{key}, the same bytes as files.
+
+The load generator is this process: one thread per connection, each a raw-socket
+HTTP/1.1 client reading into one reused buffer and discarding (the same code for both
+servers). A measurement counts the body bytes received during a fixed window; a response
+still in flight at the end of the window is read to its end, uncounted. The systems are
+interleaved, each round in a rotated order, and the figures are medians over rounds;
+"vs nginx" is the median of the ratios paired within a round. CPU s/GB: CPU time of the
+server process(es), and of this process (the client), per GB sent, over the measurement.
+
+Over loopback the sender's system calls also run most of the receive path, and the
+receiver's copy is cheaper for bytes the sender has just copied (lynxkv) than for bytes
+sent from the page cache (nginx's sendfile): the figures hold for loopback on this
+machine, not for a NIC. With two cores, server and client share the CPU: on a busy
+machine throughput follows the total CPU per byte.
+
+    PYTHONPATH=. python bench/server.py [--quick] [--objects 4] [--rounds 7] [--discard]
+
+Installs Debian's nginx-light when nginx is missing (as root). The last line of the
+output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from lynxkv.codec import encode
+from lynxkv.kvstore.frames import DataFrame, FrameParser
+
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 4, 16)
+SYSTEMS = ("lynxkv GET", "lynxkv stream", "nginx GET")
+HEADS, HEAD_DIM, LAYERS = 8, 128, 30  # ~1.08 byte per element with lynx-a4
+RECV_BYTES = 1 << 20
+START_TIMEOUT_S = 30.0
+IO_TIMEOUT_S = 120.0
+GB = 1e9
+
+Sink = Callable[[memoryview], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    objects: int
+    tokens: int  # per object: T of every [T, H, D] tensor
+    rounds: int
+    window_s: float
+    stream_keys: int
+    discard: bool  # the load generator drops body bytes in the kernel (MSG_TRUNC)
+
+    def __post_init__(self) -> None:
+        if self.objects < 1 or self.tokens < 1 or self.rounds < 1 or self.window_s <= 0:
+            raise ValueError("objects, tokens, rounds and window must be positive")
+        if not 1 <= self.stream_keys <= self.objects:
+            raise ValueError(f"stream_keys must be in [1, {self.objects}]")
+
+
+# -- the load generator: a raw-socket HTTP/1.1 client ------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: bytes = b""
+    content_type: str = ""
+
+    def head(self) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {HOST}"]
+        if self.body or self.method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {len(self.body)}")
+        if self.content_type:
+            lines.append(f"Content-Type: {self.content_type}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class Connection:
+    """One keep-alive connection; bodies go to a sink piece by piece, never assembled."""
+
+    def __init__(self, port: int, *, discard: bool = False) -> None:
+        self.discard = discard  # body bytes are dropped in the kernel, never copied here
+        self.sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray(RECV_BYTES)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0  # unread bytes: buf[start:end]
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.view.release()
+        self.sock.close()
+
+    def request(self, req: Request, sink: Sink) -> int:
+        """Send ``req``, pass its response body to ``sink``; the status."""
+        if len(req.body) > 1 << 16:
+            self.sock.sendall(req.head())
+            self.sock.sendall(req.body)
+        else:
+            self.sock.sendall(req.head() + req.body)
+        status = int(self._line().split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        while line := self._line():
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            while size := int(self._line().split(b";")[0], 16):
+                self._body(size, sink)
+                self._line()
+            while self._line():  # trailers
+                pass
+        else:
+            self._body(int(headers.get(b"content-length", b"0")), sink)
+        return status
+
+    def _fill(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):
+            kept = self.end - self.start
+            self.buf[:kept] = self.buf[self.start : self.end]
+            self.start, self.end = 0, kept
+        n = self.sock.recv_into(self.view[self.end :])
+        if not n:
+            raise ConnectionError("the server closed the connection mid-response")
+        self.end += n
+
+    def _line(self) -> bytes:
+        while (at := self.buf.find(b"\r\n", self.start, self.end)) < 0:
+            if self.end - self.start > 1 << 16:
+                raise ConnectionError("a response line over 64 KiB")
+            self._fill()
+        line = bytes(self.buf[self.start : at])
+        self.start = at + 2
+        return line
+
+    def _body(self, n: int, sink: Sink) -> None:
+        while n:
+            if self.start == self.end and self.discard:
+                # MSG_TRUNC on TCP (Linux): consume up to n bytes without copying them
+                got = self.sock.recv_into(self.view, min(n, len(self.buf)), socket.MSG_TRUNC)
+                if not got:
+                    raise ConnectionError("the server closed the connection mid-response")
+                sink(self.view[:got])  # the count is right, the bytes are not
+                n -= got
+                continue
+            if self.start == self.end:
+                self._fill()
+            take = min(n, self.end - self.start)
+            sink(self.view[self.start : self.start + take])
+            self.start += take
+            n -= take
+
+
+class WindowCount:
+    """Counts the bytes that arrive before ``deadline`` and, apart, all of them; looks
+    at no byte (so it may be fed discarded ones)."""
+
+    def __init__(self) -> None:
+        self.deadline = float("inf")
+        self.counted = self.total = 0
+
+    def __call__(self, data: memoryview) -> None:
+        self.total += data.nbytes
+        if time.perf_counter() < self.deadline:
+            self.counted += data.nbytes
+
+
+def fetch(port: int, req: Request) -> tuple[int, bytes]:
+    """One request on a fresh connection: status and whole body (setup and checks only)."""
+    body = bytearray()
+    conn = Connection(port)
+    try:
+        status = conn.request(req, body.extend)
+    finally:
+        conn.close()
+    return status, bytes(body)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    requests: tuple[Request, ...]  # connection i sends requests i, i+1, ... cyclically
+    server_pid: int
+
+
+def _drive(conn: Connection, target: Target, first: int, count: WindowCount) -> None:
+    k = first
+    while time.perf_counter() < count.deadline:
+        status = conn.request(target.requests[k % len(target.requests)], count)
+        if status != 200:
+            raise RuntimeError(f"{target.name}: status {status}")
+        k += 1
+
+
+@dataclass
+class Sample:
+    gbps: float
+    cpu_s_per_gb: float  # the server's
+    client_cpu_s_per_gb: float
+
+
+def measure(target: Target, connections: int, window_s: float, discard: bool) -> Sample:
+    """Body GB/s over ``window_s`` with ``connections`` connections, each in a thread."""
+    conns = [Connection(target.port, discard=discard) for _ in range(connections)]
+    counts = [WindowCount() for _ in range(connections)]
+
+    def start_clock() -> None:  # runs once, when every thread is at the barrier
+        deadline = time.perf_counter() + window_s
+        for c in counts:
+            c.deadline = deadline
+
+    barrier = threading.Barrier(connections, action=start_clock)
+
+    def run(i: int) -> None:
+        barrier.wait(timeout=START_TIMEOUT_S)
+        _drive(conns[i], target, i, counts[i])
+
+    cpu_before, client_before = cpu_seconds(target.server_pid), time.process_time()
+    pool = ThreadPoolExecutor(connections)
+    try:
+        for future in [pool.submit(run, i) for i in range(connections)]:
+            future.result()
+    finally:  # after an error or Ctrl-C, wake the threads still in recv or at the barrier
+        barrier.abort()
+        for conn in conns:
+            conn.shutdown()
+        pool.shutdown(wait=True)
+        for conn in conns:
+            conn.close()
+    cpu = cpu_seconds(target.server_pid) - cpu_before
+    client = time.process_time() - client_before
+    total_gb = sum(c.total for c in counts) / GB
+    return Sample(sum(c.counted for c in counts) / window_s / GB, cpu / total_gb, client / total_gb)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, its threads and its live child processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        pids += [int(c) for c in children]
+    return total
+
+
+# -- the data ------------------------------------------------------------------------------
+
+
+def make_objects(settings: Settings) -> list[bytes]:
+    """``settings.objects`` distinct lynx-a4 objects of LAYERS layers of random KV."""
+    objects = []
+    for i in range(settings.objects):
+        rng = np.random.default_rng(1000 + i)
+        shape = (settings.tokens, HEADS, HEAD_DIM)
+        # k, v: [T, H, D] fp16
+        kv = [
+            (
+                rng.standard_normal(shape, dtype=np.float32).astype(np.float16),
+                rng.standard_normal(shape, dtype=np.float32).astype(np.float16),
+            )
+            for _ in range(LAYERS)
+        ]
+        objects.append(encode(kv, "lynx-a4", model="bench/server"))
+    return objects
+
+
+def key_of(i: int) -> str:
+    return f"bench-{i:03d}"
+
+
+# -- the servers ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when this process dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _spawn(args: Sequence[str], stdout: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # Ctrl-C reaches this process only; it stops them
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+def start_lynxkv(
+    stack: contextlib.ExitStack, tmp: Path, settings: Settings, size: int
+) -> tuple[int, int]:
+    """Start ``lynxkv serve`` on a free port; the port and the pid."""
+    out, err = tmp / "lynxkv.out", tmp / "lynxkv.err"
+    args = [sys.executable, "-m", "lynxkv.cli", "serve", "--host", HOST, "--port", "0"]
+    args += ["--data-dir", str(tmp / "lynx-data"), "--log-level", "warning"]
+    args += ["--max-bytes", str(2 * settings.objects * size + (256 << 20))]
+    args += ["--max-object-bytes", str(2 * size)]
+    proc = _spawn(args, out, err)
+    stack.callback(_stop, proc)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    prefix = "lynxkv serving on http://"
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in out.read_text().splitlines():
+            if line.startswith(prefix):
+                return int(line.removeprefix(prefix).rsplit(":", 1)[1].strip("/")), proc.pid
+        time.sleep(0.05)
+    raise RuntimeError(f"lynxkv serve did not start:\n{_log_tail(err)}")
+
+
+def nginx_binary() -> str:
+    """The nginx executable; installs Debian's nginx-light first when there is none."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("nginx is missing: apt-get install -y nginx-light (as root)")
+    print("installing nginx-light ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "nginx-light"]
+    if subprocess.run(install, env=env, capture_output=True).returncode:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
+        subprocess.run(install, env=env, capture_output=True, check=True)
+    found = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if not found:
+        raise RuntimeError("nginx-light installed, but no nginx executable found")
+    return found
+
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/nginx.err warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path {root}/tmp-body;
+    proxy_temp_path {root}/tmp-proxy;
+    fastcgi_temp_path {root}/tmp-fastcgi;
+    uwsgi_temp_path {root}/tmp-uwsgi;
+    scgi_temp_path {root}/tmp-scgi;
+    server {{
+        listen {host}:{port};
+        root {www};
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _listening(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_nginx(stack: contextlib.ExitStack, tmp: Path, www: Path) -> tuple[int, int, str]:
+    """Start nginx serving ``www`` on a free port; the port, the pid and the version."""
+    binary = nginx_binary()
+    version = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip()
+    # as root, the worker would drop to "nobody", who cannot read our private temp dir
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    for _ in range(5):  # a free port may be taken before nginx binds it
+        port = _free_port()
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(user=user, root=tmp, host=HOST, port=port, www=www))
+        args = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx.err")]
+        proc = _spawn(args, tmp / "nginx.out", tmp / "nginx.stderr")
+        if _listening(port, proc):
+            stack.callback(_stop, proc)
+            return port, proc.pid, version.removeprefix("nginx version: ")
+        _stop(proc)
+        if "Address already in use" not in _log_tail(tmp / "nginx.err"):
+            break
+    raise RuntimeError(f"nginx did not start:\n{_log_tail(tmp / 'nginx.err')}")
+
+
+# -- setup and checks ----------------------------------------------------------------------
+
+
+def upload(port: int, objects: Sequence[bytes]) -> None:
+    for i, body in enumerate(objects):
+        status, reply = fetch(port, Request("PUT", f"/v1/kv/{key_of(i)}", body, "application/x"))
+        if status not in (200, 201):
+            raise RuntimeError(f"PUT {key_of(i)}: {status} {reply[:500]!r}")
+
+
+def stream_request(keys: Sequence[str]) -> Request:
+    body = json.dumps({"keys": list(keys), "parts": ["anchor", "residual"]}).encode()
+    return Request("POST", "/v1/stream", body, "application/json")
+
+
+def check_get(name: str, port: int, paths: Sequence[str], objects: Sequence[bytes]) -> None:
+    for path, obj in zip(paths, objects, strict=True):
+        digest = hashlib.sha256()
+        conn = Connection(port)
+        try:
+            status = conn.request(Request("GET", path), digest.update)
+        finally:
+            conn.close()
+        if status != 200 or digest.digest() != hashlib.sha256(obj).digest():
+            raise RuntimeError(f"{name}: GET {path} did not return the object (status {status})")
+
+
+def check_stream(port: int, objects: Sequence[bytes]) -> None:
+    """Every DATA frame of one stream of all objects holds the object's bytes, and the
+    frames cover every object exactly once."""
+    keys = [key_of(i) for i in range(len(objects))]
+    status, body = fetch(port, stream_request(keys))
+    if status != 200:
+        raise RuntimeError(f"lynxkv stream: status {status}")
+    parser = FrameParser(len(keys))
+    covered = [0] * len(objects)
+    for frame in parser.feed(body):
+        if isinstance(frame, DataFrame):
+            if frame.payload != objects[frame.key][frame.offset : frame.end]:
+                raise RuntimeError(f"lynxkv stream: wrong bytes at {frame.key}:{frame.offset}")
+            covered[frame.key] += len(frame.payload)
+    parser.close()
+    if not parser.complete or covered != [len(o) for o in objects]:
+        raise RuntimeError(f"lynxkv stream: incomplete ({covered} bytes of each object)")
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, int], list[Sample]] = field(default_factory=dict)
+
+    def add(self, name: str, conns: int, sample: Sample) -> None:
+        self.samples.setdefault((name, conns), []).append(sample)
+
+    def gbps(self, name: str, conns: int) -> list[float]:
+        return [s.gbps for s in self.samples[(name, conns)]]
+
+    def median(self, name: str, conns: int) -> float:
+        return statistics.median(self.gbps(name, conns))
+
+    def ratio(self, name: str, conns: int) -> float:
+        """Median over rounds of this system / nginx in the same round."""
+        pairs = zip(self.gbps(name, conns), self.gbps("nginx GET", conns), strict=True)
+        return statistics.median(a / b for a, b in pairs)
+
+    def cpu(self, name: str, conns: int) -> float:
+        return statistics.median(s.cpu_s_per_gb for s in self.samples[(name, conns)])
+
+    def client_cpu(self, name: str, conns: int) -> float:
+        return statistics.median(s.client_cpu_s_per_gb for s in self.samples[(name, conns)])
+
+
+def run_rounds(targets: dict[str, Target], settings: Settings) -> Results:
+    results = Results()
+    for target in targets.values():  # warm up: connections, caches, the allocator
+        measure(target, 1, min(0.3, settings.window_s), settings.discard)
+    for r in range(settings.rounds):
+        for conns in CONCURRENCY:
+            order = list(SYSTEMS[r % len(SYSTEMS) :] + SYSTEMS[: r % len(SYSTEMS)])
+            for name in order:
+                sample = measure(targets[name], conns, settings.window_s, settings.discard)
+                results.add(name, conns, sample)
+        done = ", ".join(
+            f"{n.split()[-1] if n.startswith('lynxkv') else 'nginx'} {results.gbps(n, 1)[-1]:.2f}"
+            for n in SYSTEMS
+        )
+        print(f"round {r + 1}/{settings.rounds}: 1-conn GB/s {done}", flush=True)
+    return results
+
+
+def table(results: Results) -> str:
+    head = f"{'system':<15}{'conns':>6}{'GB/s':>8}{'min':>8}{'max':>8}{'vs nginx':>10}"
+    head += f"{'CPU s/GB: server':>18}{'client':>8}"
+    lines = [head, "-" * len(head)]
+    for name in SYSTEMS:
+        for conns in CONCURRENCY:
+            g = results.gbps(name, conns)
+            ratio = "" if name == "nginx GET" else f"{results.ratio(name, conns):.2f}x"
+            lines.append(
+                f"{name:<15}{conns:>6}{statistics.median(g):>8.2f}{min(g):>8.2f}{max(g):>8.2f}"
+                f"{ratio:>10}{results.cpu(name, conns):>18.3f}"
+                f"{results.client_cpu(name, conns):>8.3f}"
+            )
+    return "\n".join(lines)
+
+
+def summary(results: Results, settings: Settings, sizes: Sequence[int], nginx: str) -> Any:
+    def per_conn(name: str) -> dict[str, float]:
+        return {str(c): round(results.median(name, c), 3) for c in CONCURRENCY}
+
+    return {
+        "get_gbps": per_conn("lynxkv GET"),
+        "stream_gbps": per_conn("lynxkv stream"),
+        "nginx_gbps": per_conn("nginx GET"),
+        "ratio_1conn": round(results.median("lynxkv GET", 1) / results.median("nginx GET", 1), 3),
+        "paired_ratio_vs_nginx": {
+            name: {str(c): round(results.ratio(name, c), 3) for c in CONCURRENCY}
+            for name in ("lynxkv GET", "lynxkv stream")
+        },
+        "server_cpu_s_per_gb": {
+            name: {str(c): round(results.cpu(name, c), 4) for c in CONCURRENCY} for name in SYSTEMS
+        },
+        "client_cpu_s_per_gb": {
+            name: {str(c): round(results.client_cpu(name, c), 4) for c in CONCURRENCY}
+            for name in SYSTEMS
+        },
+        "load_generator": "raw socket, discard (MSG_TRUNC)" if settings.discard else "raw socket",
+        "object_bytes": round(statistics.mean(sizes)),
+        "objects": settings.objects,
+        "stream_keys_per_request": settings.stream_keys,
+        "rounds": settings.rounds,
+        "window_s": settings.window_s,
+        "nginx": nginx,
+        "nginx_workers": 1,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def build_targets(
+    lynx_port: int, lynx_pid: int, nginx_port: int, nginx_pid: int, settings: Settings
+) -> dict[str, Target]:
+    n, k = settings.objects, settings.stream_keys
+    streams = tuple(stream_request([key_of((i + j) % n) for j in range(k)]) for i in range(n))
+    return {
+        "lynxkv GET": Target(
+            "lynxkv GET",
+            lynx_port,
+            tuple(Request("GET", f"/v1/kv/{key_of(i)}") for i in range(n)),
+            lynx_pid,
+        ),
+        "lynxkv stream": Target("lynxkv stream", lynx_port, streams, lynx_pid),
+        "nginx GET": Target(
+            "nginx GET",
+            nginx_port,
+            tuple(Request("GET", f"/{key_of(i)}") for i in range(n)),
+            nginx_pid,
+        ),
+    }
+
+
+def run(settings: Settings) -> None:
+    started = time.monotonic()
+    print(f"$ python {' '.join(sys.argv)}  # {settings}", flush=True)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lynxkv-bench-")))
+        print(f"encoding {settings.objects} objects ...", flush=True)
+        objects = make_objects(settings)
+        sizes = [len(o) for o in objects]
+        www = tmp / "www"
+        www.mkdir()
+        for i, obj in enumerate(objects):
+            (www / key_of(i)).write_bytes(obj)
+        lynx_port, lynx_pid = start_lynxkv(stack, tmp, settings, max(sizes))
+        nginx_port, nginx_pid, nginx_version = start_nginx(stack, tmp, www)
+        mib = statistics.mean(sizes) / 2**20
+        print(f"uploading {settings.objects} objects of {mib:.1f} MiB to lynxkv :{lynx_port};")
+        print(f"nginx :{nginx_port} ({nginx_version})", flush=True)
+        upload(lynx_port, objects)
+        keys = range(settings.objects)
+        check_get("lynxkv GET", lynx_port, [f"/v1/kv/{key_of(i)}" for i in keys], objects)
+        check_get("nginx GET", nginx_port, [f"/{key_of(i)}" for i in keys], objects)
+        check_stream(lynx_port, objects)
+        print("verified: lynxkv GET, lynxkv stream and nginx GET return the objects' bytes")
+        targets = build_targets(lynx_port, lynx_pid, nginx_port, nginx_pid, settings)
+        results = run_rounds(targets, settings)
+        errors = _log_tail(tmp / "lynxkv.err").strip()
+    print()
+    print(
+        f"GB/s = 1e9 body bytes per second over loopback; medians of {settings.rounds} rounds"
+        f" of {settings.window_s:g} s windows; objects of {statistics.mean(sizes) / 2**20:.1f}"
+        f" MiB; stream: {settings.stream_keys} object(s) per request; nginx: 1 worker, sendfile"
+    )
+    print(table(results))
+    if errors:
+        print(f"\nthe lynxkv server logged:\n{errors}")
+    print(f"\nwall time {time.monotonic() - started:.0f} s")
+    print(json.dumps(summary(results, settings, sizes, nginx_version)))
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the ExitStack: processes, temp dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--quick", action="store_true", help="16 MiB objects, 3 short rounds")
+    parser.add_argument("--objects", type=int, default=4, help="objects to serve (4)")
+    parser.add_argument("--tokens", type=int, help="tokens per object (1024: ~64 MiB)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (7; quick 3)")
+    parser.add_argument("--window", type=float, help="seconds per measurement (1.5; quick 0.5)")
+    parser.add_argument("--stream-keys", type=int, default=1, help="objects per stream (1)")
+    parser.add_argument(
+        "--discard",
+        action="store_true",
+        help="drop body bytes in the kernel (MSG_TRUNC) instead of copying them: the"
+        " load generator then costs almost nothing, and only the servers are measured",
+    )
+    args = parser.parse_args(argv)
+    settings = Settings(
+        objects=args.objects,
+        tokens=args.tokens or (256 if args.quick else 1024),
+        rounds=args.rounds or (3 if args.quick else 7),
+        window_s=args.window or (0.5 if args.quick else 1.5),
+        stream_keys=args.stream_keys,
+        discard=args.discard,
+    )
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    try:
+        run(settings)
+    except KeyboardInterrupt:  # the servers and the temp dir are gone by now
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
