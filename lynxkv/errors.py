@@ -15,8 +15,11 @@
     │   ├── PreconditionFailed           412: the object changed (ETag mismatch)
     │   ├── TooLarge                     413: over the maximum object size
     │   └── RangeNotSatisfiable          416: no requested range overlaps the object
-    └── StoreError(OSError)              the storage backend failed (HTTP 503)
-        └── StorageFull                  507: no room even after eviction
+    ├── StoreError(OSError)              the storage backend failed (HTTP 503)
+    │   └── StorageFull                  507: no room even after eviction
+    ├── ServerError                      client side: the server answered 5xx (after retries)
+    └── TransportError(ConnectionError)  client side: unreachable, or the connection broke
+                                         and retries ran out
 
 The server maps each branch to its HTTP status in one middleware (``status`` below).
 Third-party errors are translated into these once, where they enter lynxkv.
@@ -36,9 +39,11 @@ __all__ = [
     "PreconditionFailed",
     "RangeNotSatisfiable",
     "RequestError",
+    "ServerError",
     "StorageFull",
     "StoreError",
     "TooLarge",
+    "TransportError",
     "Unauthorized",
 ]
 
@@ -141,3 +146,19 @@ class StorageFull(StoreError):
     """No room for the object even after evicting everything that may be evicted."""
 
     status, code = 507, "storage_full"
+
+
+class ServerError(LynxError):
+    """The server answered with a 5xx status (after the client's retries)."""
+
+    code = "server_error"
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransportError(LynxError, ConnectionError):
+    """The server could not be reached, or the connection broke and retries ran out."""
+
+    status, code = 503, "transport"
