@@ -10,7 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lynxkv.codec.decoder import ObjectDecoder
@@ -78,6 +78,10 @@ async def _in_flight(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
 
 
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 @web.middleware
 async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every error to its status and JSON body, in one place, and count requests."""
@@ -101,6 +105,15 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
         if exc.status < 400:
             raise
         response = _error_body(exc.status, _http_code(exc.status), exc.reason)
+    except (ConnectionError, ClientPayloadError) as exc:
+        if not _client_gone(request):
+            raise
+        # The client hung up mid-request: routine for a cache that engines abandon when
+        # they stop early. Count it as nginx's 499 and end quietly; aiohttp logs a
+        # handler's exception at ERROR with a traceback, but a cancellation at DEBUG.
+        metrics.requests.labels(_route_name(request), request.method, "499").inc()
+        log.debug("client went away during %s %s: %s", request.method, request.path, exc)
+        raise asyncio.CancelledError from exc
     except Exception:  # the outermost boundary: log it, answer 500, keep serving
         if is_prepared(request) or request.transport is None or request.transport.is_closing():
             raise

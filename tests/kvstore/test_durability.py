@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -75,7 +76,9 @@ def _partial_body(cut: int, framing: str) -> bytes:
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 @pytest.mark.parametrize("cut", ["header", "anchor", "last-byte"])
-def test_put_cut_mid_body_leaves_nothing(tmp_path: Path, cut: str, framing: str) -> None:
+def test_put_cut_mid_body_leaves_nothing(
+    tmp_path: Path, cut: str, framing: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two uploads hang up part-way, one of a new key and one replacing a key: neither shows,
     the old version stays, and their space comes back (three objects then fit without
     evicting anything in a store of 3.25 objects)."""
@@ -93,6 +96,8 @@ def test_put_cut_mid_body_leaves_nothing(tmp_path: Path, cut: str, framing: str)
                 return (await srv.metrics()).get(("lynxkv_rejected_uploads_total", reason)) == 2
 
             await eventually(aborted, "both uploads to be aborted")
+            hung_up = (("method", "PUT"), ("route", "/v1/kv/{key}"), ("status", "499"))
+            assert (await srv.metrics())["lynxkv_requests_total", hung_up] == 2
             assert await srv.status("GET", "/v1/kv/new") == 404
             async with srv.session.get("/v1/kv/old") as resp:
                 assert resp.headers["ETag"] == etag
@@ -107,7 +112,10 @@ def test_put_cut_mid_body_leaves_nothing(tmp_path: Path, cut: str, framing: str)
             for key, obj in (("old", OBJS[0]), ("x", OBJS[2]), ("y", OBJS[3])):
                 assert await srv.get(key) == obj
 
-    run(main())
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    # a client hanging up is routine: no ERROR record, no traceback in the log
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def refused(url: str, timeout: float = 10.0) -> None:
