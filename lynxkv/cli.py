@@ -1,7 +1,9 @@
 """The ``lynxkv`` command line.
 
-Exit codes: 0 success; 1 bad input or a failed operation (one line on stderr saying
-why); 2 bad usage (argparse's message).
+Exit codes (the client commands' table is in ``lynxkv.client.commands``): 0 success;
+1 bad input or a failed operation (one line on stderr saying why); 2 bad usage
+(argparse's message); 3 not found; 4 unauthorized; 5 server error; 6 the server cannot be
+reached; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lynxkv.errors import LynxError
+from lynxkv.errors import LynxError, NotFound, ServerError, StoreError, TransportError, Unauthorized
 
 __all__ = ["main"]
 
 CHUNK_SUFFIX = ".lkv"
+EXIT_INTERRUPTED = 130
+#: Exit status per error type; the first match wins (TransportError is an OSError).
+_EXIT_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (NotFound, 3),
+    (Unauthorized, 4),
+    (ServerError, 5),
+    (StoreError, 5),
+    (TransportError, 6),
+)
 
 
 class CliError(Exception):
@@ -127,7 +138,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lynxkv", description="KV-cache storage and progressive streaming."
+        prog="lynxkv",
+        description="KV-cache storage and progressive streaming.",
+        epilog=_exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -169,7 +183,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="folder for the files it writes (out/demo)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=_demo)
+    _client_commands(sub)
     return parser
+
+
+def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from lynxkv.client.commands import add_commands
+    except ImportError:  # the client extra is missing: put, get, ls and rm are not offered
+        return
+    add_commands(sub)
+
+
+def _exit_codes_help() -> str | None:
+    try:
+        from lynxkv.client.commands import EXIT_CODES_HELP
+    except ImportError:
+        return None
+    return EXIT_CODES_HELP
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,8 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, LynxError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"lynxkv: error: {message}", file=sys.stderr)
-        return 1
+        return _exit_status(exc)
+    except KeyboardInterrupt:
+        print("lynxkv: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _exit_status(exc: BaseException) -> int:
+    return next((code for kind, code in _EXIT_STATUS if isinstance(exc, kind)), 1)
 
 
 if __name__ == "__main__":
