@@ -1,0 +1,293 @@
+"""Bandwidth of the GPU decode kernels (lynxkv.gpu) on about 1 GB of KV, on one GPU.
+
+For each case: a few sections are encoded by the numpy codec (fresh random KV), copied
+to the device and replicated to about 1 GB of output, then one launch per K|V kind
+decodes all of them, as ``decode_anchor`` / ``refine_residual`` do for a batch.
+Before timing, every case's output is checked bit for bit against the numpy codec
+(``decode_tensor``, rounded to bf16 by torch). Timing: CUDA events around one decode
+of the whole set, after warm-up, median of repeats. GB/s counts the bytes the kernel
+must move: payload read (anchor; anchor and residual for refine) plus output written.
+``ratio`` is against 4.27 TB/s, the device-to-device copy bandwidth measured on this
+GPU kind (a torch copy measured in the same run is printed beside it).
+
+``staged_*`` rows time the public API end to end from host bytes (pinned staging, H2D
+copies on a side stream overlapped with the kernels): bounded by the host link, they
+count payload bytes crossing it per second and have no ratio to device copy bandwidth.
+
+    python bench/gpu.py [--gbytes 1.0] [--repeats 20] [--out DIR]
+
+The last line of the output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lynxkv.codec import CODECS, ObjectDecoder, encode
+from lynxkv.codec.sections import decode_tensor, encode_tensor
+from lynxkv.gpu import decode_anchor, refine_residual
+from lynxkv.gpu.cuda_source import MIN_BLOCKS, TOKENS_PER_THREAD
+from lynxkv.gpu.device import launch_dequant
+from lynxkv.gpu.staging import aligned_offsets
+from lynxkv.gpu.tables import make_plan
+from tests.codec.kvgen import make_kv
+
+COPY_TBPS = 4.27
+T, H, D = 256, 8, 128  # one 256-token chunk of a Llama-3-8B-like layer
+SOURCES = 4  # distinct encoded sections per K|V kind; replicated on the device
+
+
+def _time(fn: Callable[[], None], repeats: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(float(start.elapsed_time(end)) / 1e3)
+    return float(statistics.median(times))
+
+
+class Case:
+    """``n`` sections per K|V kind of one codec, on the device, and their destination."""
+
+    def __init__(self, codec: str, layout: str, n: int, seed: int) -> None:
+        self.spec = CODECS[codec]
+        self.layout, self.n = layout, n
+        kv_pairs = make_kv(seed, layers=SOURCES, tokens=T, heads=H, dim=D)
+        self.src: dict[str, list[tuple[bytes, bytes]]] = {"k": [], "v": []}
+        for k, v in kv_pairs:
+            self.src["k"].append(encode_tensor(k, self.spec, "k", "bf16"))
+            self.src["v"].append(encode_tensor(v, self.spec, "v", "bf16"))
+        dev = torch.device("cuda")
+        self.payload: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bases: dict[str, tuple[int, int]] = {}
+        self.anchor_bytes = len(self.src["k"][0][0]) + len(self.src["v"][0][0])
+        self.residual_bytes = len(self.src["k"][0][1]) + len(self.src["v"][0][1])
+        for kind in ("k", "v"):
+            # every section its own copy, 256-byte aligned (as the stager lays them out)
+            pieces = []
+            for stream in (0, 1):
+                offs, _ = aligned_offsets([len(self.src[kind][0][stream])] * 2)
+                step = offs[1]
+                host = np.zeros((SOURCES, step), dtype=np.uint8)
+                for i in range(SOURCES):
+                    data = self.src[kind][i][stream]
+                    host[i, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+                one = torch.from_numpy(host).to(dev)
+                pieces.append(one.repeat(-(-n // SOURCES), 1)[:n].contiguous())
+            self.payload[kind] = (pieces[0], pieces[1])
+        if layout == "hnd":  # [n, H, T, D] per kind: section j is "layer" j
+            self.out = {
+                kv: torch.empty((n, H, T, D), dtype=torch.bfloat16, device=dev) for kv in "kv"
+            }
+            self.row_off = torch.arange(T, device=dev, dtype=torch.int64) * D
+            self.stride_h = T * D
+        else:  # vLLM [2, blocks, 16, H, D] per layer, shuffled slots
+            blocks = n * T // 16
+            self.cache = torch.empty((2, blocks, 16, H, D), dtype=torch.bfloat16, device=dev)
+            self.out = {"k": self.cache[0], "v": self.cache[1]}
+            # row_off is shared by a launch's jobs, so each section gets its own 256 slots
+            # (a base per job) and its tokens land in them shuffled, as a slot mapping does
+            rows = torch.randperm(T, device=dev).to(torch.int64)
+            self.row_off = rows * (H * D)
+            self.stride_h = D
+        self.jobs = {kv: self._jobs(kv) for kv in "kv"}
+
+    def _jobs(self, kv: str) -> tuple[torch.Tensor, torch.Tensor]:
+        anchor, residual = self.payload[kv]
+        idx = torch.arange(self.n, device=anchor.device, dtype=torch.int64)
+        a = anchor.data_ptr() + idx * anchor.stride(0)
+        r = residual.data_ptr() + idx * residual.stride(0)
+        per = T * H * D  # elements of one section's destination
+        dst = self.out[kv].data_ptr() + idx * per * 2
+        return torch.stack([a, torch.zeros_like(a), dst], 1), torch.stack([a, r, dst], 1)
+
+    def run(self, full: bool, tpt: int = TOKENS_PER_THREAD, minb: int = MIN_BLOCKS) -> None:
+        for kv in ("k", "v"):
+            plan = make_plan(self.spec, kv, T, H, D)
+            jobs = self.jobs[kv][1 if full else 0]
+            launch_dequant(
+                self.spec,
+                kv,
+                plan,
+                (T, H, D),
+                jobs,
+                self.row_off,
+                torch.bfloat16,
+                self.stride_h,
+                full,
+                tpt,
+                minb,
+            )
+
+    def check(self, full: bool) -> None:
+        """Every section of a sample against the numpy codec, bit for bit."""
+        for kv in ("k", "v"):
+            out = self.out[kv].reshape(self.n, -1)
+            for j in sorted({0, 1, SOURCES - 1, self.n - 1}):
+                a, r = self.src[kv][j % SOURCES]
+                ref = decode_tensor(self.spec, kv, (T, H, D), "bf16", a, r if full else None)
+                want = torch.from_numpy(ref).to(torch.bfloat16)  # [T, H, D]
+                if self.layout == "hnd":
+                    got = out[j].view(H, T, D).permute(1, 0, 2).cpu()
+                else:
+                    rows = (self.row_off // (H * D)).cpu()
+                    got = out[j].view(T, H, D)[rows].cpu()
+                if not torch.equal(got, want):
+                    bad = int((got != want).sum())
+                    raise SystemExit(
+                        f"MISMATCH {self.spec.name} {self.layout} {kv} full={full}: {bad}"
+                    )
+
+    def bytes_moved(self, full: bool) -> int:
+        payload = self.anchor_bytes + (self.residual_bytes if full else 0)
+        return self.n * (payload + 2 * 2 * T * H * D)
+
+
+def _staged(n_objects: int, repeats: int) -> dict[str, float]:
+    """Public API from host bytes: objects of 32 layers, like a Llama-3-8B chunk."""
+    kv = make_kv(7, layers=32, tokens=T, heads=H, dim=D)
+    decoder = ObjectDecoder()
+    sections = decoder.feed(encode(kv, "lynx-a4"))
+    header = decoder.header
+    assert header is not None
+    anchors = [s for s in sections if s.ref.stream == "anchor"]
+    residuals = [s for s in sections if s.ref.stream == "residual"]
+    dev = torch.device("cuda")
+    out = [
+        tuple(torch.empty((1, H, T * n_objects, D), dtype=torch.bfloat16, device=dev) for _ in "kv")
+        for _ in range(32)
+    ]
+    caches: list[Any] = []
+
+    def anchor_all() -> None:
+        caches.clear()
+        for i in range(n_objects):
+            caches.append(decode_anchor(anchors, out, "hnd", header=header, token_offset=i * T))
+
+    def refine_all() -> None:
+        for i in range(n_objects):
+            refine_residual(residuals, out, "hnd", anchors=caches[i], token_offset=i * T)
+
+    t_a = _time(anchor_all, repeats, warmup=2)
+    t_r = _time(refine_all, repeats, warmup=2)
+    a_bytes = n_objects * sum(len(s.payload) for s in anchors)
+    r_bytes = n_objects * sum(len(s.payload) for s in residuals)
+    return {"anchor_gbps": a_bytes / t_a / 1e9, "residual_gbps": r_bytes / t_r / 1e9}
+
+
+def _copy_tbps(size: int, repeats: int) -> float:
+    """Device-to-device copy bandwidth (read + written) of a torch copy of ``size`` bytes."""
+    src = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    return 2 * size / _time(copy, repeats) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gbytes", type=float, default=1.0, help="output bytes per kernel run")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--variants",
+        type=lambda v: [tuple(int(y) for y in x.split(":")) for x in v.split(",") if x],
+        default=[],
+        help="also time lynx-a4 compiled as TPT:MIN_BLOCKS variants (e.g. 4:2,8:4)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write gpu.json here too")
+    args = parser.parse_args()
+    n = int(args.gbytes * 1e9 / (2 * 2 * T * H * D))  # sections per K|V kind
+    props = torch.cuda.get_device_properties(0)
+    copy_tbps = _copy_tbps(int(args.gbytes * 1e9) // 2, args.repeats)
+    rows: list[tuple[str, str, str, float, float, float]] = []
+    kernels: dict[str, dict[str, float]] = {}
+    cases = [
+        ("lynx-a4", "hnd"),
+        ("lynx-a4", "paged"),
+        ("lynx-a4-paper", "hnd"),
+        ("lynx-a2", "hnd"),
+        ("uniform-a4", "hnd"),
+    ]
+    for i, (codec, layout) in enumerate(cases):
+        case = Case(codec, layout, n, seed=100 + i)
+        for full, kernel in ((False, "decode_anchor"), (True, "refine_residual")):
+            case.run(full)
+            torch.cuda.synchronize()
+            case.check(full)
+            seconds = _time(functools.partial(case.run, full), args.repeats)
+            moved = case.bytes_moved(full)
+            gbps = moved / seconds / 1e9
+            ratio = gbps / (COPY_TBPS * 1e3)
+            rows.append((kernel, codec, layout, moved / 1e9, seconds * 1e3, gbps))
+            name = (
+                kernel if (codec, layout) == ("lynx-a4", "hnd") else f"{kernel}[{codec},{layout}]"
+            )
+            kernels[name] = {
+                "gbps": round(gbps, 1),
+                "ratio": round(ratio, 3),
+                "ms": round(seconds * 1e3, 3),
+            }
+        if (codec, layout) == ("lynx-a4", "hnd"):  # compiled variants, same checks
+            for tpt, minb in args.variants:
+                for full, kernel in ((False, "decode_anchor"), (True, "refine_residual")):
+                    case.run(full, tpt, minb)
+                    torch.cuda.synchronize()
+                    case.check(full)
+                    run = functools.partial(case.run, full, tpt, minb)
+                    gbps = case.bytes_moved(full) / _time(run, args.repeats) / 1e9
+                    ratio = gbps / COPY_TBPS / 1e3
+                    print(
+                        f"variant tpt={tpt} min_blocks={minb} {kernel}: {gbps:.1f} GB/s {ratio:.3f}"
+                    )
+        del case
+        torch.cuda.empty_cache()
+    staged = _staged(n_objects=8, repeats=max(3, args.repeats // 4))
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs; torch copy {copy_tbps:.2f} TB/s"
+    )
+    heads = ("kernel", "codec", "layout", "GB moved", "ms", "GB/s", "ratio")
+    print("{:<16} {:<14} {:<6} {:>9} {:>8} {:>8} {:>6}".format(*heads))
+    for kernel, codec, layout, gb, ms, gbps in rows:
+        ratio = gbps / (COPY_TBPS * 1e3)
+        print(f"{kernel:<16} {codec:<14} {layout:<6} {gb:9.3f} {ms:8.3f} {gbps:8.1f} {ratio:6.3f}")
+    print(
+        f"staged API (lynx-a4, 32 layers x 8 objects, host bytes): anchor "
+        f"{staged['anchor_gbps']:.1f} GB/s, residual {staged['residual_gbps']:.1f} GB/s of payload"
+    )
+    result = {
+        "kernels": kernels,
+        "staged": {k: round(v, 2) for k, v in staged.items()},
+        "copy_tbps_measured": round(copy_tbps, 3),
+        "copy_tbps_reference": COPY_TBPS,
+        "shape": {"tokens": T, "heads": H, "dim": D, "sections_per_kind": n, "out": "bf16"},
+        "device": props.name,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    line = json.dumps(result)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu.json").write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
