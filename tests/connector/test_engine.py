@@ -1,0 +1,174 @@
+"""The transformers engine against a real server (port 0, real LMDB) and the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lynxkv.connector.base import KVConnector
+from lynxkv.connector.model import LoadedModel
+from lynxkv.connector.texts import make_document
+from lynxkv.connector.transformers import MODES, TransformersEngine
+from tests.kvstore.conftest import live_server
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path) -> Iterator[str]:
+    """``live_server`` on its own event loop in a thread (the engine is synchronous)."""
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with live_server(data_dir, max_bytes=512 << 20) as srv:
+            state["url"], state["stop"] = srv.url, asyncio.Event()
+            state["loop"] = asyncio.get_running_loop()
+            ready.set()
+            await state["stop"].wait()
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=target, name="test-server", daemon=True)
+    thread.start()
+    ready.wait(30)
+    assert "url" in state, "the server did not start"
+    try:
+        yield str(state["url"])
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+
+
+def dead_url() -> str:
+    """A URL where nothing listens (a port just freed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def chat_ids(loaded: LoadedModel, seed: int, tokens: int) -> list[int]:
+    """A generated report of about ``tokens`` tokens and its question, chat-formatted."""
+    tok = loaded.tokenizer
+    doc = make_document(seed=seed, tokens=tokens, count_tokens=lambda s: len(tok(s).input_ids))
+    messages = [{"role": "user", "content": doc.prompt()}]
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    return [int(i) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(tmp_path_factory.mktemp("engine") / "data") as url:
+        yield url
+
+
+@pytest.mark.model
+def test_every_mode_loads_the_prefix(smollm: LoadedModel, server_url: str) -> None:
+    ids = chat_ids(smollm, seed=11, tokens=540)
+    with TransformersEngine(smollm, server_url, max_draft=8) as engine:
+        saved = engine.save_context(ids, codecs=("raw", "uniform-a4", "lynx-a4"))
+        cached = (len(ids) - 1) // 256 * 256
+        assert saved == len(ids) // 256 * 256 >= cached >= 512
+        chunks = saved // 256
+        for codec in ("raw", "uniform-a4", "lynx-a4"):
+            assert engine.connector.lookup(ids, codec) == saved
+        assert engine.connector.lookup(ids, "lynx-a2") == 0
+        # saving again sends nothing new
+        engine.save_context(ids, codecs=("lynx-a4",))
+        stats = engine.connector.stats.snapshot()
+        assert stats["chunks_saved"] == 3 * chunks
+        assert stats["chunks_already_stored"] == chunks
+        for mode in MODES:
+            gen = engine.generate(ids, 8, mode)
+            tl = gen.timeline
+            assert 1 <= len(gen.tokens) <= 8
+            assert len(tl.generated) == len(tl.verified) == len(gen.tokens)
+            assert all(g <= v for g, v in zip(tl.generated, tl.verified, strict=True))
+            assert list(tl.verified) == sorted(tl.verified)
+            if mode == "none":
+                assert tl.recomputed and tl.prefix_tokens == 0
+                continue
+            assert not tl.recomputed and tl.prefix_tokens == cached
+            assert tl.suffix_tokens == len(ids) - cached
+            assert tl.anchor_ready is not None
+            if mode != "int4":
+                assert tl.residual_ready is not None and tl.anchor_ready <= tl.residual_ready
+            if mode == "lynx":
+                assert tl.drafted >= 1 and 0 <= tl.accepted <= tl.drafted
+                assert tl.ttft_draft <= tl.ttft_verified
+            else:
+                assert tl.drafted == tl.accepted == 0
+        assert engine.connector.stats.snapshot()["load_failures"] == 0
+
+
+@pytest.mark.model
+def test_dead_server_recomputes(smollm: LoadedModel) -> None:
+    ids = chat_ids(smollm, seed=12, tokens=300)
+    with TransformersEngine(smollm, dead_url(), retries=0, timeout=2.0) as engine:
+        assert engine.save_context(ids) >= 256  # handed over; the store is down
+        stats = engine.connector.stats.snapshot()
+        assert stats["save_failures"] == 1 and stats["chunks_saved"] == 0
+        reference = engine.generate(ids, 6, "none").tokens
+        for mode in ("lynx", "int8-lynx", "int4", "bf16"):
+            gen = engine.generate(ids, 6, mode)
+            assert gen.tokens == reference, mode
+            assert gen.timeline.recomputed
+        assert engine.connector.stats.snapshot()["lookup_failures"] == 4
+
+
+def test_save_never_raises_and_counts() -> None:
+    import numpy as np
+
+    kv = [(np.zeros((256, 1, 8), np.float32), np.zeros((256, 1, 8), np.float32))]
+    with KVConnector(dead_url(), fingerprint="m", retries=0, timeout=2.0) as conn:
+        conn.save(list(range(256)), kv, "raw")
+        conn.save(list(range(300)), kv, "lynx-a4")
+        conn.wait_for_save()
+        assert conn.stats.snapshot()["save_failures"] == 2
+        assert conn.lookup(list(range(256)), "raw") == 0
+        handle = conn.load(list(range(256)), "raw", 256)
+        assert handle.anchor() is None and handle.residual() is None
+        handle.close()
+        stats = conn.stats.snapshot()
+        assert stats["lookup_failures"] == 1 and stats["load_failures"] == 1
+
+
+def test_connector_round_trip(tmp_path: Path) -> None:
+    import ml_dtypes
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # per layer (K, V) [512, 2, 16] bf16: the raw codec keeps 16-bit values exactly
+    kv = [
+        tuple(rng.standard_normal((512, 2, 16)).astype(ml_dtypes.bfloat16) for _ in "kv")
+        for _ in range(2)
+    ]
+    ids = list(range(600))
+    with running_server(tmp_path / "data") as url, KVConnector(url, fingerprint="m") as conn:
+        conn.save(ids, kv, "raw")  # type: ignore[arg-type]
+        conn.wait_for_save()
+        assert conn.lookup(ids, "raw") == 512
+        assert conn.lookup([*ids[:520], 7, *ids[521:]], "raw") == 512
+        assert conn.lookup([*ids[:300], 7, *ids[301:]], "raw") == 256
+        assert conn.lookup([9, *ids[1:]], "raw") == 0
+        handle = conn.load(ids, "raw", 512)
+        full = handle.residual()
+        assert full is not None and handle.residual_ready
+        for (k, v), (k2, v2) in zip(kv, full, strict=True):
+            assert np.array_equal(k.astype(np.float32), k2)
+            assert np.array_equal(v.astype(np.float32), v2)
+        handle.close()
+        with pytest.raises(ValueError, match="multiple of 256"):
+            conn.load(ids, "raw", 300)
