@@ -177,10 +177,27 @@ def _parser() -> argparse.ArgumentParser:
     _serve_arguments(p)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="the main job: real model KV through the codec, end to end")
-    p.add_argument("--tokens", type=int, default=2048, help="context length in tokens (2048)")
-    p.add_argument("--codec", default="lynx-a4", help="codec preset (lynx-a4)")
-    p.add_argument("--out", default="out/demo", help="folder for the files it writes (out/demo)")
+    p = sub.add_parser(
+        "demo", help="the main job: a saved context answered in int8-lynx, int4 and lynx modes"
+    )
+    p.add_argument("--tokens", type=int, default=4096, help="context length in tokens (4096)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=40, metavar="N", help="answer length at most (40)"
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=0.2,
+        metavar="GBPS",
+        help="emulated link from the server in Gbit/s (0.2: the transfer is a visible part"
+        " of the time on a small CPU; docs/connector.md 'The demo')",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="model dtype (float32: lynx equals int8-lynx barring exact ties)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.set_defaults(func=_demo)
     _client_commands(sub)
@@ -227,7 +244,15 @@ def _serve(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from lynxkv.demo import run_demo
 
-    run_demo(tokens=args.tokens, codec=args.codec, out=Path(args.out), as_json=args.json)
+    if args.tokens < 1 or args.max_new_tokens < 1 or args.link_gbps <= 0:
+        raise CliError("--tokens and --max-new-tokens must be positive, --link-gbps above 0")
+    run_demo(
+        tokens=args.tokens,
+        max_new_tokens=args.max_new_tokens,
+        link_gbps=args.link_gbps,
+        dtype=args.dtype,
+        as_json=args.json,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,37 +12,7 @@ from lynxkv.connector.base import KVConnector
 from lynxkv.connector.model import LoadedModel
 from lynxkv.connector.texts import make_document
 from lynxkv.connector.transformers import MODES, TransformersEngine
-from tests.kvstore.conftest import live_server
-
-
-@contextlib.contextmanager
-def running_server(data_dir: Path) -> Iterator[str]:
-    """``live_server`` on its own event loop in a thread (the engine is synchronous)."""
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with live_server(data_dir, max_bytes=512 << 20) as srv:
-            state["url"], state["stop"] = srv.url, asyncio.Event()
-            state["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await state["stop"].wait()
-
-    def target() -> None:
-        try:
-            asyncio.run(main())
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=target, name="test-server", daemon=True)
-    thread.start()
-    ready.wait(30)
-    assert "url" in state, "the server did not start"
-    try:
-        yield str(state["url"])
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+from tests.conftest import running_server
 
 
 def dead_url() -> str:

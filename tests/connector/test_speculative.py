@@ -19,7 +19,8 @@ from lynxkv.connector.model import LoadedModel, load_model
 from lynxkv.connector.speculative import accept_drafts
 from lynxkv.connector.transformers import TransformersEngine
 from lynxkv.errors import MissingDependency
-from tests.connector.test_engine import chat_ids, running_server
+from tests.conftest import running_server
+from tests.connector.test_engine import chat_ids
 
 EOS = {2}
 
