@@ -1,0 +1,243 @@
+"""Store failures under the transformers engine: a 5xx, a stalled transfer, a damaged
+object. The engine's client talks to a real server through a misbehaving proxy; every
+mode must answer exactly what a full recompute answers, and no exception may escape."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lynxkv.client.sync import Client
+from lynxkv.codec.container import parse_header
+from lynxkv.connector.model import LoadedModel
+from lynxkv.connector.transformers import TransformersEngine
+from tests.client.conftest import Proxy, http_answer
+from tests.client.test_fetch import _started
+from tests.conftest import running_server
+from tests.connector.test_engine import chat_ids
+
+pytestmark = pytest.mark.model
+
+MODES = ("lynx", "int8-lynx", "int4")
+CODECS = ("lynx-a4", "uniform-a4")
+#: fail fast: one retry, no real backoff
+FAST: dict[str, Any] = {"retries": 1, "backoff": 0.01, "timeout": 1.0}
+
+
+@contextlib.contextmanager
+def on_loop(cm: contextlib.AbstractAsyncContextManager[Any]) -> Iterator[Any]:
+    """Enter the async context manager ``cm`` on an event loop in a thread of its own (the
+    engine is synchronous); yield what it yields, and cancel what is left on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-proxy", daemon=True)
+    thread.start()
+
+    async def shutdown() -> None:
+        await cm.__aexit__(None, None, None)
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(cm.__aenter__(), loop).result(10)
+    finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@dataclass
+class Case:
+    url: str
+    ids: list[int]
+    reference: list[int]
+    prefix: int
+
+
+@pytest.fixture(scope="module")
+def case(smollm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
+    """A real server holding a ~300-token prompt's chunk in both codecs, and the tokens a
+    full recompute answers for it."""
+    ids = chat_ids(smollm, seed=21, tokens=300)
+    prefix = (len(ids) - 1) // 256 * 256
+    assert prefix >= 256
+    with running_server(tmp_path_factory.mktemp("failures") / "data") as url:
+        with TransformersEngine(smollm, url) as engine:
+            engine.save_context(ids, codecs=CODECS)
+            assert engine.connector.stats.snapshot()["save_failures"] == 0
+            reference = engine.generate(ids, 8, "none").tokens
+            # the store works: without a fault, no mode recomputes
+            assert not engine.generate(ids, 8, "int4").timeline.recomputed
+        yield Case(url, ids, reference, prefix)
+
+
+def assert_recomputes(engine: TransformersEngine, case: Case) -> None:
+    for mode in MODES:
+        gen = engine.generate(case.ids, 8, mode)
+        assert gen.tokens == case.reference, mode
+        assert gen.timeline.recomputed, mode
+        assert gen.timeline.prefix_tokens == 0, mode
+
+
+# -- 5xx ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "reason"), [(503, "Service Unavailable"), (500, "Error")])
+def test_5xx_recomputes(smollm: LoadedModel, case: Case, status: int, reason: str) -> None:
+    answer = http_answer(status, reason, "injected")
+    with (
+        on_loop(Proxy(case.url, canned=answer, canned_count=1 << 30)) as proxy,
+        TransformersEngine(smollm, proxy.url, **FAST) as engine,
+    ):
+        assert engine.save_context(case.ids, codecs=CODECS) == case.prefix
+        stats = engine.connector.stats.snapshot()
+        assert stats["save_failures"] == 2 and stats["chunks_saved"] == 0
+        assert_recomputes(engine, case)
+        stats = engine.connector.stats.snapshot()
+        assert stats["lookup_failures"] == len(MODES) and stats["loads"] == 0
+    assert proxy.connections >= 2 + len(MODES)
+
+
+# -- a stall mid-transfer -----------------------------------------------------------------------
+
+
+async def forever() -> None:
+    await asyncio.Event().wait()
+
+
+def test_stall_mid_transfer_recomputes(smollm: LoadedModel, case: Case) -> None:
+    # 4 KiB passes (the lookup's answer and the start of the object), then nothing more
+    stall = Proxy(case.url, cut_after=4096, cut_count=None, before_cut=forever)
+    with (
+        on_loop(stall) as proxy,
+        TransformersEngine(smollm, proxy.url, retries=0, backoff=0.01, timeout=0.5) as engine,
+    ):
+        assert_recomputes(engine, case)
+        stats = engine.connector.stats.snapshot()
+        # the lookups got through: each load was cut mid-object and timed out
+        assert stats["lookup_failures"] == 0
+        assert stats["loads"] == stats["load_failures"] == len(MODES)
+
+
+# -- a damaged object ---------------------------------------------------------------------------
+
+
+@dataclass
+class DamagingProxy:
+    """Relays connections to ``target``, replacing each key of ``damage`` in the server's
+    bytes with its value (same length): flipped bits in transit, on every transfer, at
+    every offset and over every transport (a retry fetches the same damage)."""
+
+    target: str
+    damage: dict[bytes, bytes]
+    url: str = ""
+    replaced: int = 0
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self.target.removeprefix("http://").rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+        pumps = [
+            asyncio.ensure_future(_relay(reader, up_writer)),
+            asyncio.ensure_future(self._damage(up_reader, writer)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for w in (writer, up_writer):
+                w.transport.abort()
+
+    async def _damage(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        held = b""
+        while data := await src.read(1 << 16):
+            data = held + data
+            for needle, replacement in self.damage.items():
+                self.replaced += data.count(needle)
+                data = data.replace(needle, replacement)
+            # hold back a tail that may start a needle split across reads
+            keep = max(_started(data, needle) for needle in self.damage)
+            data, held = data[: len(data) - keep], data[len(data) - keep :]
+            dst.write(data)
+            await dst.drain()
+        dst.write(held)
+        await dst.drain()
+
+    async def __aenter__(self) -> DamagingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        await self._server.wait_closed()
+
+
+async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    while data := await src.read(1 << 16):
+        dst.write(data)
+        await dst.drain()
+
+
+def damage(engine: TransformersEngine, case: Case, codec: str, stream: str) -> dict[bytes, bytes]:
+    """16 bytes from the middle of the first ``stream`` section of every stored chunk of
+    ``codec`` (unique in its object), and the same bytes with one bit flipped."""
+    out = {}
+    with Client(case.url) as client:
+        for key in engine.connector.keys(case.ids, codec):
+            obj = client.get(key)
+            ref = next(s for s in parse_header(obj).sections if s.stream == stream)
+            at = ref.offset + ref.length // 2
+            needle = obj[at : at + 16]
+            assert obj.count(needle) == 1
+            out[needle] = bytes([needle[0] ^ 0x40]) + needle[1:]
+    return out
+
+
+def test_damaged_anchor_recomputes(smollm: LoadedModel, case: Case) -> None:
+    with TransformersEngine(smollm, case.url) as plain:
+        faults = {k: v for c in CODECS for k, v in damage(plain, case, c, "anchor").items()}
+    with (
+        on_loop(DamagingProxy(case.url, faults)) as proxy,
+        TransformersEngine(smollm, proxy.url, **FAST) as engine,
+    ):
+        assert_recomputes(engine, case)
+        stats = engine.connector.stats.snapshot()
+        assert stats["lookup_failures"] == 0
+        assert stats["loads"] == stats["load_failures"] == len(MODES)
+    assert proxy.replaced >= len(MODES)
+
+
+def test_damaged_residual_lynx_verifies_on_a_recompute(smollm: LoadedModel, case: Case) -> None:
+    """The anchor arrives and the drafts run on it; the residual is damaged, so the drafts
+    are verified against a recomputed prefix instead."""
+    with TransformersEngine(smollm, case.url) as plain:
+        faults = damage(plain, case, "lynx-a4", "residual")
+    with (
+        on_loop(DamagingProxy(case.url, faults)) as proxy,
+        TransformersEngine(smollm, proxy.url, max_draft=4, draft_policy="fixed", **FAST) as engine,
+    ):
+        gen = engine.generate(case.ids, 8, "lynx")
+        assert gen.tokens == case.reference
+        tl = gen.timeline
+        assert tl.recomputed and tl.prefix_tokens == 0
+        assert tl.anchor_ready is not None and tl.residual_ready is None
+        assert tl.drafted == 4 and 0 <= tl.accepted <= 4
+        full = engine.generate(case.ids, 8, "int8-lynx")
+        assert full.tokens == case.reference and full.timeline.recomputed
+        stats = engine.connector.stats.snapshot()
+        assert stats["lookup_failures"] == 0 and stats["load_failures"] == 2
+    assert proxy.replaced >= 2
