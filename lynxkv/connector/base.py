@@ -351,6 +351,20 @@ class KVConnector:
         keys = self.keys(list(token_ids)[:tokens], codec)
         return LoadHandle(self, keys, tokens)
 
+    def fetch_objects(self, keys: Sequence[str]) -> concurrent.futures.Future[list[bytes]]:
+        """Start fetching the whole objects under ``keys``, in the background, for an
+        adapter that decodes them itself (the vLLM one). The future's error is a store
+        failure, which the caller reports with :meth:`report_failure`."""
+        return self._io.submit(self._get_all(list(keys)))
+
+    async def _get_all(self, keys: list[str]) -> list[bytes]:
+        client = await self._io.client()
+        return [await client.get(key) for key in keys]
+
+    def report_failure(self, counter: str, op: str, exc: BaseException) -> None:
+        """Log and count a store failure an adapter met (``counter`` in :attr:`stats`)."""
+        self._failure(counter, op, exc)
+
     def close(self) -> None:
         self.wait_for_save()
         self._saver.shutdown(wait=True)

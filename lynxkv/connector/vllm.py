@@ -264,12 +264,8 @@ class LynxVLLMConnector(_Base):
         for spec in meta.loads:
             first, last = spec.start // c, -(-spec.end // c)
             keys = self.store.keys(spec.token_ids[: last * c], self.codec)[first:]
-            fetch = self.store._io.submit(self._fetch(keys)) if keys else None
+            fetch = self.store.fetch_objects(keys) if keys else None
             self._active.append(_Load(spec, keys, first, fetch))
-
-    async def _fetch(self, keys: list[str]) -> list[bytes]:
-        client = await self.store._io.client()
-        return [await client.get(key) for key in keys]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Write this layer of every active load: anchor, then the residual on top."""
@@ -311,7 +307,7 @@ class LynxVLLMConnector(_Base):
                 load.objects = [_sections(data) for data in raw]
             except StoreFailure as exc:
                 load.failed = True
-                self.store._failure("load_failures", "load", exc)
+                self.store.report_failure("load_failures", "load", exc)
                 self._load_errors.update(load.spec.block_ids)
         return load.objects or []
 
