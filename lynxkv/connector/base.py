@@ -62,7 +62,7 @@ from lynxkv.errors import LynxError
 
 if TYPE_CHECKING:
     from lynxkv.client.aio import AsyncClient
-    from lynxkv.client.fetch import FetchHandle
+    from lynxkv.client.fetch import FetchHandle, FetchStats
 
 __all__ = ["ConnectorStats", "KVConnector", "LoadHandle", "StoreFailure"]
 
@@ -188,6 +188,7 @@ class LoadHandle:
         self.residual_at: float | None = None
         self._connector = connector
         self._fetch: FetchHandle | None = None
+        self._stats: FetchStats | None = None
         self._anchor: concurrent.futures.Future[list[Layers]] | None = None
         self._residual: concurrent.futures.Future[list[Layers]] | None = None
         self._failed = False
@@ -199,6 +200,7 @@ class LoadHandle:
         except StoreFailure as exc:
             self._fail("load", exc)
             return
+        self._stats = self._fetch.stats
         self._anchor = io.submit(self._fetch.anchor())
         self._residual = io.submit(self._fetch.residual())
         self._anchor.add_done_callback(lambda f: self._stamp("anchor_at", f))
@@ -235,6 +237,12 @@ class LoadHandle:
         """Blocks until every chunk's anchor is decoded: per layer (K, V) [tokens, H, D]
         float32 (the full decode for codecs without a residual); ``None`` on failure."""
         return self._wait(self._anchor, "anchor", timeout)
+
+    @property
+    def stats(self) -> FetchStats | None:
+        """The transfer's bytes and times per stream (kept after :meth:`close`); ``None``
+        when nothing was fetched."""
+        return self._stats
 
     @property
     def residual_ready(self) -> bool:
