@@ -103,12 +103,6 @@ def decode_step(gen: Generation) -> float:
     return statistics.median(steps) if steps else float("nan")
 
 
-def tt_n(gen: Generation) -> tuple[float, int]:
-    """Time to the TT_N-th verified token, or to the last when the answer is shorter."""
-    n = min(TT_N, len(gen.timeline.verified))
-    return gen.timeline.verified[n - 1], n
-
-
 def _median_ratio(runs: Sequence[dict[str, Any]], mode: str, other: str) -> float | None:
     base = {(r["context"], r["link_gbps"]): r["ttft_draft_s"] for r in runs if r["mode"] == other}
     ratios = [
@@ -153,24 +147,13 @@ def _run_record(
     gen: Generation, fetch: FetchStats | None, ref: Generation, context: int, gbps: float
 ) -> dict[str, Any]:
     t = gen.timeline
-    tt, n = tt_n(gen)
     return {
         "mode": gen.mode,
         "context": context,
         "link_gbps": gbps,
-        "prefix_tokens": t.prefix_tokens,
-        "suffix_tokens": t.suffix_tokens,
-        "recomputed": t.recomputed,
-        "ttft_draft_s": t.ttft_draft,
-        "ttft_verified_s": t.ttft_verified,
-        "tt32_s": tt,
-        "tt32_tokens": n,
-        "anchor_ready_s": t.anchor_ready,
-        "residual_ready_s": t.residual_ready,
+        **t.summary(TT_N),
         "anchor_bytes": None if fetch is None else fetch.anchor_bytes,
         "residual_bytes": None if fetch is None else fetch.residual_bytes,
-        "drafted": t.drafted,
-        "accepted": t.accepted,
         "fully_accepted": t.drafted > 0 and t.accepted == t.drafted,
         "tokens": len(gen.tokens),
         "equal_int8_lynx": gen.tokens == ref.tokens,

@@ -126,30 +126,12 @@ def _prompt(loaded: LoadedModel, tokens: int) -> tuple[Document, list[int], int]
 # -- the summary -----------------------------------------------------------------------------
 
 
-def _tt_n(gen: Generation) -> tuple[float, int]:
-    """Time to the TT_N-th verified token, or to the last one when the answer is shorter."""
-    n = min(TT_N, len(gen.timeline.verified))
-    return gen.timeline.verified[n - 1], n
-
-
 def _mode_summary(gen: Generation, loaded: LoadedModel) -> dict[str, Any]:
-    t = gen.timeline
-    tt, n = _tt_n(gen)
     text = loaded.tokenizer.decode(
         gen.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
     return {
-        "ttft_draft_s": t.ttft_draft,
-        "ttft_verified_s": t.ttft_verified,
-        "tt32_s": tt,
-        "tt32_tokens": n,
-        "anchor_ready_s": t.anchor_ready,
-        "residual_ready_s": t.residual_ready,
-        "prefix_tokens": t.prefix_tokens,
-        "suffix_tokens": t.suffix_tokens,
-        "recomputed": t.recomputed,
-        "drafted": t.drafted,
-        "accepted": t.accepted,
+        **gen.timeline.summary(TT_N),
         "tokens": len(gen.tokens),
         "answer": str(text).strip(),
     }

@@ -78,19 +78,14 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 #: Everything :meth:`Attempts.failed` knows how to judge.
 FAILURES: tuple[type[BaseException], ...] = (ServerError, aiohttp.ClientError, *TRANSIENT)
 
+# Derived from the error classes' own ``code`` and ``status``, which the server's error
+# middleware answers with: one source of truth for both ends.
 _BY_CODE: Mapping[str, Callable[[str], LynxError]] = {
-    "bad_request": BadRequest,
-    "invalid_key": InvalidKey,
-    "bad_object": FormatError,
-    "checksum_mismatch": ChecksumError,
+    cls.code: cls for cls in (BadRequest, InvalidKey, FormatError, ChecksumError)
 }
 _BY_STATUS: Mapping[int, Callable[[str], LynxError]] = {
-    400: BadRequest,
-    401: Unauthorized,
-    404: NotFound,
-    412: PreconditionFailed,
-    413: TooLarge,
-    507: StorageFull,
+    cls.status: cls
+    for cls in (BadRequest, Unauthorized, NotFound, PreconditionFailed, TooLarge, StorageFull)
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from lynxkv.connector.base import LoadHandle
@@ -75,6 +75,25 @@ class Timeline:
     def time_to(self, n: int) -> float | None:
         """Time until the ``n``-th token (1-based) was verified; None if fewer came."""
         return self.verified[n - 1] if len(self.verified) >= n else None
+
+    def summary(self, n: int = 32) -> dict[str, Any]:
+        """The figures reports print (demo, bench/ttft.py), JSON-ready. ``tt32_s`` is the
+        time to the ``n``-th verified token, or to the last when fewer came
+        (``tt32_tokens`` says which)."""
+        last = min(n, len(self.verified))
+        return {
+            "ttft_draft_s": self.ttft_draft,
+            "ttft_verified_s": self.ttft_verified,
+            "tt32_s": self.verified[last - 1],
+            "tt32_tokens": last,
+            "anchor_ready_s": self.anchor_ready,
+            "residual_ready_s": self.residual_ready,
+            "prefix_tokens": self.prefix_tokens,
+            "suffix_tokens": self.suffix_tokens,
+            "recomputed": self.recomputed,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+        }
 
 
 @dataclass

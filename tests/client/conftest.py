@@ -235,3 +235,77 @@ def server_thread(data_dir: Path, **config: Any) -> Iterator[str]:
         if "loop" in state:
             state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(30)
+
+
+@dataclass
+class DamagingProxy:
+    """Relays connections to ``target``, replacing each key of ``damage`` in the server's
+    bytes with its value (same length): flipped bits in transit, on every transfer (a
+    retry fetches the same damage). Cuts and canned answers come from :class:`Proxy`."""
+
+    target: str
+    damage: dict[bytes, bytes]
+    url: str = ""
+    replaced: int = 0
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self.target.removeprefix("http://").rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+        pumps = [
+            asyncio.create_task(_relay(reader, up_writer)),
+            asyncio.create_task(self._damage(up_reader, writer)),
+        ]
+        self._tasks.update(pumps)
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self._tasks.difference_update(pumps)
+            for w in (writer, up_writer):
+                w.transport.abort()
+
+    async def _damage(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        held = b""
+        while data := await src.read(1 << 16):
+            data = held + data
+            for needle, replacement in self.damage.items():
+                self.replaced += data.count(needle)
+                data = data.replace(needle, replacement)
+            # hold back a tail that may be the start of a needle split across reads
+            keep = max(_started(data, needle) for needle in self.damage)
+            data, held = data[: len(data) - keep], data[len(data) - keep :]
+            dst.write(data)
+            await dst.drain()
+        dst.write(held)
+        await dst.drain()
+
+    async def __aenter__(self) -> DamagingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    while data := await src.read(1 << 16):
+        dst.write(data)
+        await dst.drain()
+
+
+def _started(data: bytes, needle: bytes) -> int:
+    """The length of the longest tail of ``data`` that is a proper prefix of ``needle``."""
+    for n in range(min(len(needle) - 1, len(data)), 0, -1):
+        if data.endswith(needle[:n]):
+            return n
+    return 0

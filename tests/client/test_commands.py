@@ -21,8 +21,8 @@ from lynxkv.cli import main
 from lynxkv.client.progress import ProgressBar, format_bytes, render
 from lynxkv.codec import parse_header
 from lynxkv.errors import StoreError
-from tests.client.conftest import closed_port_url, server_thread
-from tests.client.test_fetch import DamagingProxy, damage_at
+from tests.client.conftest import DamagingProxy, closed_port_url, server_thread
+from tests.client.test_fetch import damage_at
 from tests.kvstore.conftest import make_object
 
 T = TypeVar("T")
@@ -142,7 +142,7 @@ def test_a_failed_get_leaves_the_file_alone(tmp_path: Path, obj_file: Path, cli:
         assert cli("get", url, "nope", "-o", out) == 3
         assert cli.error_line() == "lynxkv: error: no object under key 'nope'\n"
         assert cli("put", url, "k", obj_file) == 0
-        with in_thread(lambda: DamagingProxy(url, needle, replacement)) as proxy:
+        with in_thread(lambda: DamagingProxy(url, {needle: replacement})) as proxy:
             assert cli("get", proxy.url, "k", "-o", out) == 1
             assert "checksum mismatch in the residual section" in cli.error_line()
             # the anchor does not hold the damaged byte

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,87 +24,13 @@ from lynxkv.errors import (
     TransportError,
     Unauthorized,
 )
-from tests.client.conftest import Proxy, closed_port_url
+from tests.client.conftest import DamagingProxy, Proxy, closed_port_url
 from tests.kvstore.conftest import Server, hooked_server, live_server, make_object, run
 
 TRANSPORTS = ["stream", "ranges"]
 
 
 # -- a TCP proxy that damages what the server sends -----------------------------------------
-
-
-@dataclass
-class DamagingProxy:
-    """Relays connections to ``target``, replacing every ``needle`` in the server's bytes
-    with ``replacement`` (same length): one flipped bit in transit. (Cuts come from the
-    shared ``Proxy``.)"""
-
-    target: str
-    needle: bytes
-    replacement: bytes
-    url: str = ""
-    replaced: int = 0
-    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, _, port = self.target.removeprefix("http://").rpartition(":")
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        self._writers += [writer, up_writer]
-        pumps = [
-            asyncio.create_task(_relay(reader, up_writer)),
-            asyncio.create_task(self._damage(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            self._tasks.difference_update(pumps)
-            for w in (writer, up_writer):
-                w.transport.abort()
-
-    async def _damage(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        held = b""
-        while data := await src.read(1 << 16):
-            data = held + data
-            self.replaced += data.count(self.needle)
-            data = data.replace(self.needle, self.replacement)
-            # hold back a tail that may be the start of a needle split across reads
-            keep = _started(data, self.needle)
-            data, held = data[: len(data) - keep], data[len(data) - keep :]
-            dst.write(data)
-            await dst.drain()
-        dst.write(held)
-        await dst.drain()
-
-    async def __aenter__(self) -> DamagingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-
-async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    while data := await src.read(1 << 16):
-        dst.write(data)
-        await dst.drain()
-
-
-def _started(data: bytes, needle: bytes) -> int:
-    """The length of the longest tail of ``data`` that is a proper prefix of ``needle``."""
-    for n in range(min(len(needle) - 1, len(data)), 0, -1):
-        if data.endswith(needle[:n]):
-            return n
-    return 0
 
 
 def damage_at(obj: bytes, at: int) -> tuple[bytes, bytes]:
@@ -319,7 +244,7 @@ def test_a_damaged_byte_fails_its_key_with_checksum_error(
     async def check(srv: Server) -> None:
         await put_all(srv)
         async with (
-            DamagingProxy(srv.url, needle, replacement) as proxy,
+            DamagingProxy(srv.url, {needle: replacement}) as proxy,
             fetching(proxy.url, list(OBJECTS), transport) as handle,
         ):
             if where == "residual":  # the anchor was fine and stays usable

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -17,8 +17,7 @@ from lynxkv.client.sync import Client
 from lynxkv.codec.container import parse_header
 from lynxkv.connector.model import LoadedModel
 from lynxkv.connector.transformers import TransformersEngine
-from tests.client.conftest import Proxy, http_answer
-from tests.client.test_fetch import _started
+from tests.client.conftest import DamagingProxy, Proxy, http_answer
 from tests.conftest import running_server
 from tests.connector.test_engine import chat_ids
 
@@ -128,68 +127,6 @@ def test_stall_mid_transfer_recomputes(smollm: LoadedModel, case: Case) -> None:
 
 
 # -- a damaged object ---------------------------------------------------------------------------
-
-
-@dataclass
-class DamagingProxy:
-    """Relays connections to ``target``, replacing each key of ``damage`` in the server's
-    bytes with its value (same length): flipped bits in transit, on every transfer, at
-    every offset and over every transport (a retry fetches the same damage)."""
-
-    target: str
-    damage: dict[bytes, bytes]
-    url: str = ""
-    replaced: int = 0
-    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, _, port = self.target.removeprefix("http://").rpartition(":")
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        self._writers += [writer, up_writer]
-        pumps = [
-            asyncio.ensure_future(_relay(reader, up_writer)),
-            asyncio.ensure_future(self._damage(up_reader, writer)),
-        ]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in (writer, up_writer):
-                w.transport.abort()
-
-    async def _damage(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        held = b""
-        while data := await src.read(1 << 16):
-            data = held + data
-            for needle, replacement in self.damage.items():
-                self.replaced += data.count(needle)
-                data = data.replace(needle, replacement)
-            # hold back a tail that may start a needle split across reads
-            keep = max(_started(data, needle) for needle in self.damage)
-            data, held = data[: len(data) - keep], data[len(data) - keep :]
-            dst.write(data)
-            await dst.drain()
-        dst.write(held)
-        await dst.drain()
-
-    async def __aenter__(self) -> DamagingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        await self._server.wait_closed()
-
-
-async def _relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    while data := await src.read(1 << 16):
-        dst.write(data)
-        await dst.drain()
 
 
 def damage(engine: TransformersEngine, case: Case, codec: str, stream: str) -> dict[bytes, bytes]:
