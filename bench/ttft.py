@@ -46,7 +46,7 @@ from lynxkv.client.assembly import FetchStats
 from lynxkv.codec.spec import CodecSpec
 from lynxkv.connector.base import LoadHandle
 from lynxkv.connector.model import LoadedModel, load_model
-from lynxkv.connector.transformers import Generation, TransformersEngine
+from lynxkv.connector.transformers import DecodeOn, Generation, TransformersEngine
 from lynxkv.demo import _prompt, local_server
 
 MODES = ("bf16", "int8-lynx", "int4", "lynx")
@@ -68,6 +68,8 @@ class Settings:
     max_new: int
     dtype: str
     device: str
+    decode_on: DecodeOn = "auto"
+    repeats: int = 1
 
 
 # -- pure helpers ----------------------------------------------------------------------------
@@ -103,12 +105,18 @@ def decode_step(gen: Generation) -> float:
     return statistics.median(steps) if steps else float("nan")
 
 
+def _point(r: dict[str, Any]) -> tuple[int, float, int]:
+    return r["context"], r["link_gbps"], r.get("repeat", 0)
+
+
 def _median_ratio(runs: Sequence[dict[str, Any]], mode: str, other: str) -> float | None:
-    base = {(r["context"], r["link_gbps"]): r["ttft_draft_s"] for r in runs if r["mode"] == other}
+    """Median over transfer-dominated points of ``mode``'s first-draft TTFT over
+    ``other``'s at the same context, link and repeat."""
+    base = {_point(r): r["ttft_draft_s"] for r in runs if r["mode"] == other}
     ratios = [
-        r["ttft_draft_s"] / base[(r["context"], r["link_gbps"])]
+        r["ttft_draft_s"] / base[_point(r)]
         for r in runs
-        if r["mode"] == mode and r["regime"] > 1 and (r["context"], r["link_gbps"]) in base
+        if r["mode"] == mode and r["regime"] > 1 and _point(r) in base
     ]
     return statistics.median(ratios) if ratios else None
 
@@ -135,8 +143,10 @@ def _record_fetches(engine: TransformersEngine, sink: list[FetchStats | None]) -
     """Keep each load's fetch stats (the handle drops its fetch on close)."""
     load = engine.connector.load
 
-    def recording(ids: Sequence[int], codec: CodecSpec | str, tokens: int) -> LoadHandle:
-        handle = load(ids, codec, tokens)
+    def recording(
+        ids: Sequence[int], codec: CodecSpec | str, tokens: int, *, decode: bool = True
+    ) -> LoadHandle:
+        handle = load(ids, codec, tokens, decode=decode)
         sink.append(handle.stats)
         return handle
 
@@ -144,13 +154,18 @@ def _record_fetches(engine: TransformersEngine, sink: list[FetchStats | None]) -
 
 
 def _run_record(
-    gen: Generation, fetch: FetchStats | None, ref: Generation, context: int, gbps: float
+    gen: Generation,
+    fetch: FetchStats | None,
+    ref: Generation,
+    point: tuple[int, float, int],
 ) -> dict[str, Any]:
     t = gen.timeline
+    context, gbps, repeat = point
     return {
         "mode": gen.mode,
         "context": context,
         "link_gbps": gbps,
+        "repeat": repeat,
         **t.summary(TT_N),
         "anchor_bytes": None if fetch is None else fetch.anchor_bytes,
         "residual_bytes": None if fetch is None else fetch.residual_bytes,
@@ -167,14 +182,21 @@ def _add_regime(runs: list[dict[str, Any]], step_s: float, per_token: int) -> No
 
 
 def _one_link(
-    loaded: LoadedModel, url: str, ids: list[int], context: int, gbps: float, max_new: int
+    loaded: LoadedModel,
+    url: str,
+    ids: list[int],
+    point: tuple[int, float, int],
+    settings: Settings,
 ) -> list[dict[str, Any]]:
     fetches: list[FetchStats | None] = []
-    with TransformersEngine(loaded, url, rate_limit_bps=gbps * 1e9) as engine:
+    gbps = point[1]
+    with TransformersEngine(
+        loaded, url, rate_limit_bps=gbps * 1e9, decode_on=settings.decode_on
+    ) as engine:
         _record_fetches(engine, fetches)
-        gens = [engine.generate(ids, max_new, mode) for mode in MODES]
+        gens = [engine.generate(ids, settings.max_new, mode) for mode in MODES]
     ref = gens[MODES.index("int8-lynx")]
-    runs = [_run_record(g, f, ref, context, gbps) for g, f in zip(gens, fetches, strict=True)]
+    runs = [_run_record(g, f, ref, point) for g, f in zip(gens, fetches, strict=True)]
     per_token = kv_bytes_per_token(loaded.layers, loaded.kv_heads, loaded.head_dim)
     _add_regime(runs, decode_step(ref), per_token)
     return runs
@@ -194,14 +216,19 @@ def _one_context(
     loaded: LoadedModel, url: str, context: int, settings: Settings
 ) -> list[dict[str, Any]]:
     ids, report = _fit_prompt(loaded, context)
-    with TransformersEngine(loaded, url) as engine:
+    with TransformersEngine(loaded, url, decode_on=settings.decode_on) as engine:
         saved = engine.save_context(ids[: min(report, context)], SAVE_CODECS)
-        engine.generate(ids, 2, "int8-lynx")  # warm-up: allocator, kernels, connections
-    _log(f"context {context}: prompt {len(ids)} tokens, {saved} saved")
+        for mode in MODES:  # warm-up: allocator, kernel compiles, connections
+            engine.generate(ids, 2, mode)
+        decode_on = engine.decode_on
+    _log(f"context {context}: prompt {len(ids)} tokens, {saved} saved; decode on {decode_on}")
     runs: list[dict[str, Any]] = []
-    for gbps in settings.links_gbps:
-        runs += _one_link(loaded, url, ids, context, gbps, settings.max_new)
-        _log(_table(runs[-len(MODES) :], header=False))
+    for repeat in range(settings.repeats):
+        for gbps in settings.links_gbps:
+            runs += _one_link(loaded, url, ids, (context, gbps, repeat), settings)
+            _log(_table(runs[-len(MODES) :], header=False))
+    for r in runs:
+        r["decode_on"] = decode_on
     return runs
 
 
@@ -273,18 +300,18 @@ def plot_ttft(runs: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.4), squeeze=False)
     for ax, context in zip(axes[0], contexts, strict=True):
         for mode in MODES:
-            pts = sorted(
-                (r["link_gbps"], r["ttft_draft_s"])
-                for r in runs
-                if r["context"] == context and r["mode"] == mode
-            )
-            ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+            per_link: dict[float, list[float]] = {}
+            for r in runs:
+                if r["context"] == context and r["mode"] == mode:
+                    per_link.setdefault(r["link_gbps"], []).append(r["ttft_draft_s"])
+            links = sorted(per_link)
+            ax.plot(links, [statistics.median(per_link[x]) for x in links], marker="o", label=mode)
         ax.set(xscale="log", yscale="log", xlabel="link (Gbit/s)", title=f"{context} cached")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("TTFT, first draft (s)")
+    axes[0][0].set_ylabel("TTFT, first draft (s; median of repeats)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -343,13 +370,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
     p.add_argument("--max-new-tokens", type=int, default=TT_N)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--decode-on",
+        choices=("auto", "client", "engine"),
+        default="auto",
+        help="where the prefix is decoded (TransformersEngine); auto: the GPU kernels on cuda",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="runs of every point")
     p.add_argument("--quick", action="store_true", help="contexts 1024,2048; links 0.05,0.2,1,10")
     p.add_argument("--out", type=Path, default=None, help="folder for the CSV and PNG plots")
     a = p.parse_args(argv)
     contexts = a.contexts or ((1024, 2048) if a.quick else (1024, 2048, 4096, 8192))
     links = a.links_gbps or ((0.05, 0.2, 1.0, 10.0) if a.quick else (1.0, 10.0, 25.0))
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     settings = Settings(
-        tuple(int(c) for c in contexts), tuple(links), a.max_new_tokens, a.dtype, a.device
+        tuple(int(c) for c in contexts),
+        tuple(links),
+        a.max_new_tokens,
+        a.dtype,
+        a.device,
+        a.decode_on,
+        a.repeats,
     )
     return settings, a.out
 

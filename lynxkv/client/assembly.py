@@ -105,6 +105,8 @@ class KeyState:
         self.early: list[tuple[int, bytes]] = []
         self.held: dict[tuple[int, str], Section] = {}
         self.anchored: set[tuple[int, str]] = set()
+        #: with ``decode=False``: every verified section, in arrival order
+        self.verified: list[Section] = []
         self.tensors: dict[Stage, dict[tuple[int, str], Tensor]] = {"anchor": {}, "full": {}}
         #: why a stage will never be reached; a failed anchor fails the full stage too
         self.errors: dict[Stage, Exception] = {}

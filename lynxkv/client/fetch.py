@@ -28,6 +28,8 @@ from lynxkv.client.assembly import (
     Stream,
     Tensor,
 )
+from lynxkv.codec.container import Header
+from lynxkv.codec.decoder import Section
 from lynxkv.codec.kv import LayerKV
 from lynxkv.errors import FormatError, LynxError, NotFound, TransportError
 from lynxkv.kvstore.frames import DataFrame, Frame, InfoFrame, MissingFrame
@@ -118,6 +120,21 @@ class FetchHandle:
         if index is None:
             return [await self._raw(k) for k in self._keys]
         return await self._raw(self._keys[index])
+
+    async def sections(self, index: int, stream: Stream) -> tuple[Header, list[Section]]:
+        """Key number ``index``'s header and verified sections of ``stream`` (in arrival
+        order), once all of them are in: for a caller that decodes them itself (on the
+        GPU, ``lynxkv.gpu``). Needs ``decode=False``; raises the key's error."""
+        if self._decode:
+            raise ValueError("sections are kept only by a fetch started with decode=False")
+        k = self._keys[index]
+        stage = _STAGE[stream]
+        await self._until(lambda: k.over(stage))
+        if not k.done(stage):
+            raise k.errors[stage]
+        header = k.decoder.header
+        assert header is not None
+        return header, [s for s in k.verified if s.ref.stream == stream]
 
     async def layer_ready(self, key_index: int, layer: int, part: Stage = "anchor") -> LayerKV:
         """(K, V) of one layer of one key, once both are decoded at ``part`` precision."""
@@ -228,7 +245,9 @@ class FetchHandle:
             return
         try:
             sections = k.take(part, offset, data)
-            if self._decode and sections:
+            if not self._decode:
+                k.verified += sections
+            elif sections:
                 async with k.lock:
                     tensors = await asyncio.to_thread(k.assemble, sections)
                 self._record(k, tensors)
@@ -361,7 +380,8 @@ async def fetch(
     connections: int = 8,
 ) -> FetchHandle:
     """Start fetching ``keys`` progressively (docs/client.md). ``decode=False`` only
-    verifies and keeps the bytes (:meth:`FetchHandle.raw`). ``connections`` bounds the
+    verifies and keeps the bytes (:meth:`FetchHandle.raw`) and the verified sections
+    (:meth:`FetchHandle.sections`). ``connections`` bounds the
     anchor connections, and separately the residual ones, of the ranges transport (and of
     the resume after a cut stream)."""
     if isinstance(keys, str):

@@ -28,7 +28,10 @@ meant to be shared by concurrent callers, except ``stats``, which any thread may
     calls ``handle.anchor()`` (blocks until every anchor is decoded), polls
     ``handle.residual_ready`` between decode steps (never blocks), and calls
     ``handle.residual()`` (blocks until the full decode), then ``handle.close()``. The
-    arrays the handle returns are new and belong to the caller.
+    arrays the handle returns are new and belong to the caller. With ``decode=False``
+    nothing is decoded on the host: ``anchor_sections()`` and ``residual_sections()``
+    hand over each chunk's verified sections instead, for the engine to decode on its
+    GPU (``lynxkv.gpu``).
 ``close()``
     Once, at shutdown: waits for pending saves, then stops the loop thread.
 
@@ -62,15 +65,20 @@ from lynxkv.errors import LynxError
 
 if TYPE_CHECKING:
     from lynxkv.client.aio import AsyncClient
+    from lynxkv.client.assembly import Stream
     from lynxkv.client.fetch import FetchHandle, FetchStats
+    from lynxkv.codec.container import Header
+    from lynxkv.codec.decoder import Section
 
-__all__ = ["ConnectorStats", "KVConnector", "LoadHandle", "StoreFailure"]
+__all__ = ["ConnectorStats", "KVConnector", "KeySections", "LoadHandle", "StoreFailure"]
 
 log = logging.getLogger("lynxkv.connector")
 
 T = TypeVar("T")
 #: per layer (K, V), each [T, H, D]
 Layers = list[tuple[NDArray[Any], NDArray[Any]]]
+#: one chunk's header and verified sections of one stream (a load with ``decode=False``)
+KeySections = tuple["Header", list["Section"]]
 
 #: What a store operation may fail with, once the client has translated it: lynxkv's own
 #: errors, OSError (TransportError is a ConnectionError), timeouts, and a malformed answer.
@@ -181,16 +189,20 @@ class LoadHandle:
         connector: KVConnector,
         keys: Sequence[str],
         tokens: int,
+        *,
+        decode: bool = True,
     ) -> None:
         self.tokens = tokens
         self.keys = list(keys)
+        #: False: the handle hands over verified sections (``anchor_sections``), not arrays
+        self.decode = decode
         self.anchor_at: float | None = None
         self.residual_at: float | None = None
         self._connector = connector
         self._fetch: FetchHandle | None = None
         self._stats: FetchStats | None = None
-        self._anchor: concurrent.futures.Future[list[Layers]] | None = None
-        self._residual: concurrent.futures.Future[list[Layers]] | None = None
+        self._anchor: concurrent.futures.Future[Any] | None = None
+        self._residual: concurrent.futures.Future[Any] | None = None
         self._failed = False
         if not self.keys:
             return
@@ -201,16 +213,23 @@ class LoadHandle:
             self._fail("load", exc)
             return
         self._stats = self._fetch.stats
-        self._anchor = io.submit(self._fetch.anchor())
-        self._residual = io.submit(self._fetch.residual())
+        if decode:
+            self._anchor = io.submit(self._fetch.anchor())
+            self._residual = io.submit(self._fetch.residual())
+        else:
+            self._anchor = io.submit(self._sections(self._fetch, "anchor"))
+            self._residual = io.submit(self._sections(self._fetch, "residual"))
         self._anchor.add_done_callback(lambda f: self._stamp("anchor_at", f))
         self._residual.add_done_callback(lambda f: self._stamp("residual_at", f))
 
     async def _open(self) -> FetchHandle:
         client = await self._connector._io.client()
-        return await client.fetch(self.keys)
+        return await client.fetch(self.keys, decode=self.decode)
 
-    def _stamp(self, name: str, future: concurrent.futures.Future[list[Layers]]) -> None:
+    async def _sections(self, fetch: FetchHandle, stream: Stream) -> list[KeySections]:
+        return [await fetch.sections(i, stream) for i in range(len(self.keys))]
+
+    def _stamp(self, name: str, future: concurrent.futures.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is None:
             setattr(self, name, time.perf_counter())
 
@@ -221,22 +240,43 @@ class LoadHandle:
 
     def _wait(
         self,
-        future: concurrent.futures.Future[list[Layers]] | None,
+        future: concurrent.futures.Future[Any] | None,
         what: str,
         timeout: float | None,
-    ) -> Layers | None:
+        decoded: bool,
+    ) -> Any:
+        if decoded != self.decode:
+            raise ValueError(
+                f"this load was started with decode={self.decode}: use "
+                + ("anchor() and residual()" if self.decode else "the *_sections() methods")
+            )
         if future is None:
             return None
         try:
-            return _concat(future.result(timeout))
+            result = future.result(timeout)
         except StoreFailure as exc:
             self._fail(f"load ({what})", exc)
             return None
+        return _concat(result) if decoded else result
 
     def anchor(self, timeout: float | None = None) -> Layers | None:
         """Blocks until every chunk's anchor is decoded: per layer (K, V) [tokens, H, D]
         float32 (the full decode for codecs without a residual); ``None`` on failure."""
-        return self._wait(self._anchor, "anchor", timeout)
+        layers: Layers | None = self._wait(self._anchor, "anchor", timeout, True)
+        return layers
+
+    def anchor_sections(self, timeout: float | None = None) -> list[KeySections] | None:
+        """With ``decode=False``: blocks until every chunk's anchor sections are verified;
+        per chunk, its header and those sections (for ``lynxkv.gpu.decode_anchor``);
+        ``None`` on failure."""
+        sections: list[KeySections] | None = self._wait(self._anchor, "anchor", timeout, False)
+        return sections
+
+    def residual_sections(self, timeout: float | None = None) -> list[KeySections] | None:
+        """With ``decode=False``: as :meth:`anchor_sections`, for the residual sections
+        (for ``lynxkv.gpu.refine_residual``; none for codecs without a residual)."""
+        sections: list[KeySections] | None = self._wait(self._residual, "residual", timeout, False)
+        return sections
 
     @property
     def stats(self) -> FetchStats | None:
@@ -251,7 +291,8 @@ class LoadHandle:
 
     def residual(self, timeout: float | None = None) -> Layers | None:
         """Blocks until the full decode of every chunk; ``None`` on failure."""
-        return self._wait(self._residual, "residual", timeout)
+        layers: Layers | None = self._wait(self._residual, "residual", timeout, True)
+        return layers
 
     def close(self) -> None:
         """Cancel what still runs and drop the fetched data. Calling it again does nothing."""
@@ -347,9 +388,13 @@ class KVConnector:
         pending, self._pending = self._pending, []
         concurrent.futures.wait(pending, timeout)
 
-    def load(self, token_ids: Sequence[int], codec: CodecSpec | str, tokens: int) -> LoadHandle:
+    def load(
+        self, token_ids: Sequence[int], codec: CodecSpec | str, tokens: int, *, decode: bool = True
+    ) -> LoadHandle:
         """Start loading the first ``tokens`` tokens' chunks (a multiple of
-        ``chunk_tokens``, at most what :meth:`lookup` answered)."""
+        ``chunk_tokens``, at most what :meth:`lookup` answered). ``decode=False``: the
+        handle only verifies the sections and hands them over, for an engine that decodes
+        them on its GPU (``LoadHandle.anchor_sections``)."""
         if tokens % self.chunk_tokens or tokens < 0 or tokens > len(token_ids):
             raise ValueError(
                 f"tokens must be a multiple of {self.chunk_tokens} within the sequence, "
@@ -357,7 +402,7 @@ class KVConnector:
             )
         self.stats.add("loads")
         keys = self.keys(list(token_ids)[:tokens], codec)
-        return LoadHandle(self, keys, tokens)
+        return LoadHandle(self, keys, tokens, decode=decode)
 
     def fetch_objects(self, keys: Sequence[str]) -> concurrent.futures.Future[list[bytes]]:
         """Start fetching the whole objects under ``keys``, in the background, for an

@@ -26,9 +26,11 @@ from lynxkv.connector.speculative import DraftPolicy, Recorder, Timeline, accept
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MODES", "Generation", "Mode", "ModeSpec", "TransformersEngine"]
+__all__ = ["MODES", "DecodeOn", "Generation", "Mode", "ModeSpec", "TransformersEngine"]
 
 Mode = Literal["bf16", "int8", "int4", "int8-lynx", "lynx", "none"]
+#: Where a loaded prefix is decoded (:class:`TransformersEngine`).
+DecodeOn = Literal["auto", "client", "engine"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,93 @@ def _refine(model: Any, cache: Any, layers: Layers) -> None:
             layer.values[:, :, :prefix].copy_(_to_cache(th, v, model))
 
 
+def _empty_cache(model: Any, layers: int, shape: tuple[int, int, int]) -> Any:
+    """A DynamicCache of ``layers`` layers of [1, H, P, D] uninitialised K and V (``shape``
+    is (P, H, D)), in the model's dtype and device, to be written in place."""
+    th = require("torch", "torch")
+    transformers = require("transformers", "transformers")
+    p, heads, dim = shape
+    cache = transformers.DynamicCache(config=model.config)
+    for i in range(layers):
+        k = th.empty((1, heads, p, dim), dtype=model.dtype, device=model.device)
+        cache.update(k, th.empty_like(k), i)
+    return cache
+
+
+class _Prefix:
+    """The prefix cache of one request, from its load handle: built from the arrays the
+    client decoded (``engine=False``), or decoded here from verified sections by
+    ``lynxkv.gpu`` straight into the cache's tensors (``engine=True``: CuPy kernels when
+    the model is on a CUDA device, the numpy codec otherwise)."""
+
+    def __init__(self, model: Any, handle: LoadHandle, *, engine: bool, chunk_tokens: int):
+        self.model, self.handle, self.engine, self.chunk_tokens = (
+            model,
+            handle,
+            engine,
+            chunk_tokens,
+        )
+        self._anchors: list[Any] = []  # lynxkv.gpu.AnchorCache per chunk
+
+    def anchor(self) -> Any | None:
+        """A cache holding the anchor decode (blocks for it); ``None`` on failure."""
+        if not self.engine:
+            layers = self.handle.anchor()
+            return None if layers is None else _cache_from(self.model, layers)
+        chunks = self.handle.anchor_sections()
+        if chunks is None:
+            return None
+        from lynxkv.gpu import decode_anchor
+
+        first = chunks[0][0]
+        shape = (self.handle.tokens, *first.shape[1:])
+        cache = _empty_cache(self.model, first.layers, shape)
+        out = [(layer.keys, layer.values) for layer in cache.layers]
+        th = require("torch", "torch")
+        with th.inference_mode():
+            self._anchors = [
+                decode_anchor(
+                    sections, out, "hnd", header=header, token_offset=i * self.chunk_tokens
+                )
+                for i, (header, sections) in enumerate(chunks)
+            ]
+        return cache
+
+    def full(self) -> Any | None:
+        """A cache holding the full decode (blocks for it); ``None`` on failure."""
+        if not self.engine:
+            layers = self.handle.residual()
+            return None if layers is None else _cache_from(self.model, layers)
+        cache = self.anchor()
+        if cache is None or not self.refine(cache):
+            return None
+        return cache
+
+    def refine(self, cache: Any) -> bool:
+        """Drop what follows the prefix in ``cache`` (made by :meth:`anchor`) and overwrite
+        the prefix with the full decode (blocks for it); False on failure."""
+        if not self.engine:
+            layers = self.handle.residual()
+            if layers is None:
+                return False
+            _refine(self.model, cache, layers)
+            return True
+        chunks = self.handle.residual_sections()
+        if chunks is None:
+            return False
+        from lynxkv.gpu import refine_residual
+
+        _crop(cache, self.handle.tokens)
+        out = [(layer.keys, layer.values) for layer in cache.layers]
+        th = require("torch", "torch")
+        with th.inference_mode():
+            for i, ((_, sections), anchors) in enumerate(zip(chunks, self._anchors, strict=True)):
+                refine_residual(
+                    sections, out, "hnd", anchors=anchors, token_offset=i * self.chunk_tokens
+                )
+        return True
+
+
 def _crop(cache: Any, length: int) -> None:
     """Keep the first ``length`` positions of every layer (a negative count to ``crop``:
     its positive form is deprecated)."""
@@ -112,6 +201,12 @@ def _forward(model: Any, cache: Any, ids: Sequence[int], keep: int) -> list[int]
     return [int(t) for t in out.logits[0].float().argmax(dim=-1).tolist()]
 
 
+def _on_cuda_with_cupy(model: Any) -> bool:
+    from lynxkv.gpu import gpu_available
+
+    return bool(model.device.type == "cuda") and gpu_available()
+
+
 def _eos_ids(model: Any) -> frozenset[int]:
     eos = model.config.eos_token_id
     if isinstance(eos, int):
@@ -125,6 +220,11 @@ class TransformersEngine:
     ``max_draft`` bounds the drafts of ``lynx`` mode. ``draft_policy``: ``"overlap"``
     drafts while the residual streams (the method); ``"fixed"`` always drafts
     ``max_draft`` tokens before verifying (deterministic: tests and acceptance studies).
+    ``decode_on``: ``"client"`` decodes each section on the host as it lands (numpy, in
+    the client's worker threads), then copies the arrays into the cache; ``"engine"``
+    only verifies sections on the host and decodes them with ``lynxkv.gpu`` straight
+    into the cache's tensors (the CuPy kernels on a CUDA model); ``"auto"`` picks
+    ``"engine"`` for a model on a CUDA device with CuPy, else ``"client"``.
     The client options (``timeout``, ``retries``, ...) are the connector's.
     """
 
@@ -136,12 +236,18 @@ class TransformersEngine:
         chunk_tokens: int = 256,
         max_draft: int = 64,
         draft_policy: DraftPolicy = "overlap",
+        decode_on: DecodeOn = "auto",
         **client_options: Any,
     ) -> None:
         if max_draft < 0:
             raise ValueError(f"max_draft must be non-negative, got {max_draft}")
         if draft_policy not in ("overlap", "fixed"):
             raise ValueError(f"draft_policy must be 'overlap' or 'fixed', got {draft_policy!r}")
+        if decode_on not in ("auto", "client", "engine"):
+            raise ValueError(f"decode_on must be 'auto', 'client' or 'engine', got {decode_on!r}")
+        if decode_on == "auto":
+            decode_on = "engine" if _on_cuda_with_cupy(loaded.model) else "client"
+        self.decode_on: DecodeOn = decode_on
         self.loaded = loaded
         self.max_draft = max_draft
         self.draft_policy: DraftPolicy = draft_policy
@@ -204,7 +310,8 @@ class TransformersEngine:
             prefix = min(self.connector.lookup(ids, spec.codec), usable)
         if prefix == 0:
             return self._finish(mode, self._recompute(ids, max_new_tokens, rec), rec)
-        handle = self.connector.load(ids, spec.codec or "", prefix)
+        engine = self.decode_on == "engine"
+        handle = self.connector.load(ids, spec.codec or "", prefix, decode=not engine)
         try:
             if spec.use == "speculative":
                 tokens = self._speculate(ids, handle, max_new_tokens, rec)
@@ -228,13 +335,21 @@ class TransformersEngine:
         self, ids: list[int], handle: LoadHandle, anchor_only: bool, max_new: int, rec: Recorder
     ) -> list[int]:
         """One precision, waited for: build the prefix cache, prefill the suffix, decode."""
-        layers = handle.anchor() if anchor_only else handle.residual()
-        if layers is None:
+        built = self._prefix(handle)
+        cache = built.anchor() if anchor_only else built.full()
+        if cache is None:
             return self._recompute(ids, max_new, rec)
         rec.mark_loaded(handle, residual=not anchor_only)
         rec.prefix_tokens, rec.suffix_tokens = handle.tokens, len(ids) - handle.tokens
-        cache = _cache_from(self.loaded.model, layers)
         return self._decode(cache, ids[handle.tokens :], max_new, rec)
+
+    def _prefix(self, handle: LoadHandle) -> _Prefix:
+        return _Prefix(
+            self.loaded.model,
+            handle,
+            engine=self.decode_on == "engine",
+            chunk_tokens=self.connector.chunk_tokens,
+        )
 
     def _decode(self, cache: Any, feed: list[int], max_new: int, rec: Recorder) -> list[int]:
         """Prefill ``feed`` in one forward pass, then greedy single steps."""
@@ -260,12 +375,12 @@ class TransformersEngine:
         rec.prefix_tokens, rec.suffix_tokens = prefix, len(suffix)
         limit = min(self.max_draft, max_new)
         drafts: list[int] = []
+        built = self._prefix(handle)
         cache = None
         if limit > 0:
-            anchor = handle.anchor()
-            if anchor is not None:
+            cache = built.anchor()
+            if cache is not None:
                 rec.mark_loaded(handle, residual=False)
-                cache = _cache_from(model, anchor)
                 drafts.append(_forward(model, cache, suffix, 1)[0])
                 rec.draft()
                 while (
@@ -275,8 +390,8 @@ class TransformersEngine:
                 ):
                     drafts.append(_forward(model, cache, [drafts[-1]], 1)[0])
                     rec.draft()
-        full = handle.residual()
-        if full is None:
+        refined = built.full() if cache is None else cache if built.refine(cache) else None
+        if refined is None:
             # no full code: verify the drafts against a recomputed prefix instead
             rec.recomputed = True
             rec.prefix_tokens, rec.suffix_tokens = 0, len(ids)
@@ -284,10 +399,7 @@ class TransformersEngine:
             cache = _cache_from(model, [])
         else:
             rec.mark_loaded(handle)
-            if cache is None:
-                cache = _cache_from(model, full)
-            else:
-                _refine(model, cache, full)
+            cache = refined
         # suffix + drafts in one pass: position len(suffix) - 1 + i predicts token i
         targets = _forward(model, cache, suffix + drafts, len(drafts) + 1)
         out, accepted = accept_drafts(drafts, targets, max_new, self._eos)

@@ -16,7 +16,7 @@ import pytest
 from lynxkv.client.aio import AsyncClient
 from lynxkv.client.assembly import KeyState, Layers
 from lynxkv.client.fetch import FetchHandle, Transport, fetch
-from lynxkv.codec import decode, parse_header
+from lynxkv.codec import ObjectDecoder, decode, parse_header
 from lynxkv.errors import (
     ChecksumError,
     NotFound,
@@ -338,6 +338,57 @@ def test_decode_false_keeps_verified_bytes_only(tmp_path: Path) -> None:
             with pytest.raises(ValueError, match="decode=False"):
                 await handle.anchor()
             assert handle.stats.residual_complete is not None
+
+    serve(tmp_path, check)
+
+
+def reference_sections(obj: bytes, stream: str) -> list[tuple[object, bytes]]:
+    decoder = ObjectDecoder()
+    return [(s.ref, bytes(s.payload)) for s in decoder.feed(obj) if s.ref.stream == stream]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_decode_false_hands_over_the_verified_sections(
+    tmp_path: Path, transport: Transport
+) -> None:
+    async def check(srv: Server) -> None:
+        await put_all(srv)
+        async with fetching(srv.url, ["k1", "k0", "k2"], transport, decode=False) as handle:
+            for i, key in enumerate(["k1", "k0", "k2"]):
+                for stream in ("anchor", "residual"):
+                    header, sections = await handle.sections(i, stream)
+                    assert header == parse_header(OBJECTS[key])
+                    got = sorted(((s.ref, bytes(s.payload)) for s in sections), key=repr)
+                    assert got == sorted(reference_sections(OBJECTS[key], stream), key=repr)
+            assert not (await handle.sections(2, "residual"))[1]  # raw: all anchor
+        async with fetching(srv.url, ["k1"], transport) as handle:
+            with pytest.raises(ValueError, match="decode=False"):
+                await handle.sections(0, "anchor")
+
+    serve(tmp_path, check)
+
+
+@pytest.mark.parametrize("where", ["anchor", "residual"])
+def test_sections_of_a_damaged_stream_raise_checksum_error(tmp_path: Path, where: str) -> None:
+    obj = OBJECTS["k1"]
+    end = parse_header(obj).anchor_end
+    needle, replacement = damage_at(obj, end // 2 if where == "anchor" else (end + len(obj)) // 2)
+
+    async def check(srv: Server) -> None:
+        await put_all(srv)
+        async with (
+            DamagingProxy(srv.url, {needle: replacement}) as proxy,
+            fetching(proxy.url, ["k1", "k0"], decode=False) as handle,
+        ):
+            if where == "residual":  # the anchor was fine and stays usable
+                assert len((await handle.sections(0, "anchor"))[1]) > 0
+            else:
+                with pytest.raises(ChecksumError):
+                    await handle.sections(0, "anchor")
+            with pytest.raises(ChecksumError):
+                await handle.sections(0, "residual")
+            assert len((await handle.sections(1, "residual"))[1]) > 0
+        assert proxy.replaced == 1
 
     serve(tmp_path, check)
 

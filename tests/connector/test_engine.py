@@ -5,13 +5,17 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from lynxkv.connector.base import KVConnector
-from lynxkv.connector.model import LoadedModel
+from lynxkv.connector.model import LoadedModel, load_model
 from lynxkv.connector.texts import make_document
 from lynxkv.connector.transformers import MODES, TransformersEngine
+from lynxkv.gpu import gpu_available
 from tests.conftest import running_server
 
 
@@ -77,6 +81,89 @@ def test_every_mode_loads_the_prefix(smollm: LoadedModel, server_url: str) -> No
             else:
                 assert tl.drafted == tl.accepted == 0
         assert engine.connector.stats.snapshot()["load_failures"] == 0
+
+
+@pytest.mark.model
+def test_the_engine_decoding_sections_equals_the_client_decoding(
+    smollm: LoadedModel, server_url: str
+) -> None:
+    """``decode_on="engine"`` (lynxkv.gpu writing into the cache; its numpy path here)
+    builds the very caches the client's arrays build, so every mode answers the same."""
+    check_engine_equals_client(smollm, server_url)
+
+
+@pytest.mark.gpu
+@pytest.mark.model
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_the_gpu_kernels_build_the_caches_the_client_builds(server_url: str) -> None:
+    """The same on a CUDA model: the CuPy kernels against the client's numpy decode."""
+    loaded = load_model(dtype="bfloat16", device="cuda")
+    check_engine_equals_client(loaded, server_url, kernels=True)
+
+
+def check_engine_equals_client(smollm: LoadedModel, server_url: str, kernels: bool = False) -> None:
+    ids = chat_ids(smollm, seed=13, tokens=560)
+    options: dict[str, Any] = {"max_draft": 6, "draft_policy": "fixed"}
+    with (
+        TransformersEngine(smollm, server_url, decode_on="client", **options) as client,
+        TransformersEngine(smollm, server_url, decode_on="engine", **options) as engine,
+    ):
+        assert engine.decode_on == "engine" and client.decode_on == "client"
+        if kernels:  # "auto" picks the kernels on a CUDA model
+            with TransformersEngine(smollm, server_url) as auto:
+                assert auto.decode_on == "engine"
+        client.save_context(ids, codecs=("raw", "uniform-a4", "lynx-a4"))
+        prefix = (len(ids) - 1) // 256 * 256
+        for codec in ("raw", "uniform-a4", "lynx-a4"):
+            caches = []
+            for eng in (client, engine):
+                handle = eng.connector.load(ids, codec, prefix, decode=eng is client)
+                try:
+                    built = eng._prefix(handle)
+                    anchor, full = built.anchor(), built.full()
+                finally:
+                    handle.close()
+                assert anchor is not None and full is not None
+                caches.append((anchor, full))
+            for a, b in zip(caches[0], caches[1], strict=True):
+                for la, lb in zip(a.layers, b.layers, strict=True):
+                    assert la.keys.shape == lb.keys.shape == (1, 3, prefix, 64)
+                    assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        for mode in ("bf16", "int8", "int4", "int8-lynx", "lynx"):
+            want, got = client.generate(ids, 10, mode), engine.generate(ids, 10, mode)
+            assert got.tokens == want.tokens, mode
+            assert not got.timeline.recomputed and got.timeline.prefix_tokens == prefix
+            assert got.timeline.drafted == want.timeline.drafted
+            assert got.timeline.accepted == want.timeline.accepted
+        assert (
+            engine.generate(ids, 10, "lynx").tokens == engine.generate(ids, 10, "int8-lynx").tokens
+        )
+        assert engine.connector.stats.snapshot()["load_failures"] == 0
+        with pytest.raises(ValueError, match="decode_on"):
+            TransformersEngine(smollm, server_url, decode_on="gpu")  # type: ignore[arg-type]
+
+
+def test_a_sections_load_refuses_the_array_methods_and_back(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as url, KVConnector(url, fingerprint="m") as conn:
+        ids = list(range(300))
+        kv = [(np.ones((256, 2, 8), np.float32), np.ones((256, 2, 8), np.float32))]
+        conn.save(ids, kv, "lynx-a4")
+        conn.wait_for_save()
+        sections = conn.load(ids, "lynx-a4", 256, decode=False)
+        arrays = conn.load(ids, "lynx-a4", 256)
+        try:
+            with pytest.raises(ValueError, match="decode=False"):
+                sections.anchor()
+            with pytest.raises(ValueError, match="decode=True"):
+                arrays.anchor_sections()
+            chunks = sections.residual_sections()
+            assert chunks is not None and len(chunks) == 1
+            header, residual = chunks[0]
+            assert header.layers == 1 and {s.ref.stream for s in residual} == {"residual"}
+            assert len(residual) == 2  # K and V
+        finally:
+            sections.close()
+            arrays.close()
 
 
 @pytest.mark.model

@@ -16,7 +16,7 @@ import pytest
 from lynxkv.client.sync import Client
 from lynxkv.codec.container import parse_header
 from lynxkv.connector.model import LoadedModel
-from lynxkv.connector.transformers import TransformersEngine
+from lynxkv.connector.transformers import DecodeOn, TransformersEngine
 from tests.client.conftest import DamagingProxy, Proxy, http_answer
 from tests.conftest import running_server
 from tests.connector.test_engine import chat_ids
@@ -25,6 +25,8 @@ pytestmark = pytest.mark.model
 
 MODES = ("lynx", "int8-lynx", "int4")
 CODECS = ("lynx-a4", "uniform-a4")
+#: the client decodes on the host, or the engine decodes verified sections (lynxkv.gpu)
+DECODE_ON: tuple[DecodeOn, ...] = ("client", "engine")
 #: fail fast: one retry, no real backoff
 FAST: dict[str, Any] = {"retries": 1, "backoff": 0.01, "timeout": 1.0}
 
@@ -144,12 +146,13 @@ def damage(engine: TransformersEngine, case: Case, codec: str, stream: str) -> d
     return out
 
 
-def test_damaged_anchor_recomputes(smollm: LoadedModel, case: Case) -> None:
+@pytest.mark.parametrize("decode_on", DECODE_ON)
+def test_damaged_anchor_recomputes(smollm: LoadedModel, case: Case, decode_on: DecodeOn) -> None:
     with TransformersEngine(smollm, case.url) as plain:
         faults = {k: v for c in CODECS for k, v in damage(plain, case, c, "anchor").items()}
     with (
         on_loop(DamagingProxy(case.url, faults)) as proxy,
-        TransformersEngine(smollm, proxy.url, **FAST) as engine,
+        TransformersEngine(smollm, proxy.url, decode_on=decode_on, **FAST) as engine,
     ):
         assert_recomputes(engine, case)
         stats = engine.connector.stats.snapshot()
@@ -158,14 +161,18 @@ def test_damaged_anchor_recomputes(smollm: LoadedModel, case: Case) -> None:
     assert proxy.replaced >= len(MODES)
 
 
-def test_damaged_residual_lynx_verifies_on_a_recompute(smollm: LoadedModel, case: Case) -> None:
+@pytest.mark.parametrize("decode_on", DECODE_ON)
+def test_damaged_residual_lynx_verifies_on_a_recompute(
+    smollm: LoadedModel, case: Case, decode_on: DecodeOn
+) -> None:
     """The anchor arrives and the drafts run on it; the residual is damaged, so the drafts
     are verified against a recomputed prefix instead."""
     with TransformersEngine(smollm, case.url) as plain:
         faults = damage(plain, case, "lynx-a4", "residual")
+    options: dict[str, Any] = {"max_draft": 4, "draft_policy": "fixed", "decode_on": decode_on}
     with (
         on_loop(DamagingProxy(case.url, faults)) as proxy,
-        TransformersEngine(smollm, proxy.url, max_draft=4, draft_policy="fixed", **FAST) as engine,
+        TransformersEngine(smollm, proxy.url, **options, **FAST) as engine,
     ):
         gen = engine.generate(case.ids, 8, "lynx")
         assert gen.tokens == case.reference
