@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from lynxkv.client.aio import AsyncClient, LookupResult, ObjectMeta, Progress, PutResult
+from lynxkv.client.loopthread import LoopThread
 from lynxkv.client.ratelimit import TokenBucket
 from lynxkv.kvstore.frames import Frame
 
@@ -60,8 +61,7 @@ class Client:
             chunk_size=chunk_size,
         )
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("lynxkv-client")
         self._closed = False
 
     @property
@@ -88,33 +88,17 @@ class Client:
     def close(self) -> None:
         """Close the connections and stop the thread. Calling it again does nothing."""
         with self._lock:
-            loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
             self._closed = True
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result()
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+        self._runner.stop(self._client.close)
 
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Client is closed")
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                # a daemon: a client that is never closed must not keep the process alive
-                thread = threading.Thread(
-                    target=_run_loop, args=(loop,), name="lynxkv-client", daemon=True
-                )
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
+            return self._runner.loop()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._runner.thread:
             coro.close()
             raise RuntimeError("a Client cannot be called from its own callbacks")
         try:
@@ -187,18 +171,6 @@ class Client:
 
     def list(self, prefix: str = "", limit: int = 1000) -> builtins.list[ObjectMeta]:
         return self._run(self._client.list(prefix, limit))
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        # finish async generators left open (iterators the caller dropped) and join the
-        # executor's threads (name lookups, file reads), so that close() leaves none behind
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
 
 
 async def _next(items: AsyncIterator[T]) -> T | _End:

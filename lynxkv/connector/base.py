@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from lynxkv.client.loopthread import LoopThread
 from lynxkv.codec import encode_chunks
 from lynxkv.codec.spec import CodecSpec, get_codec
 from lynxkv.connector.keys import ChunkKeys
@@ -113,24 +114,11 @@ class _LoopThread:
 
     def __init__(self, make_client: Any) -> None:
         self._make_client = make_client
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("lynxkv-connector")
         self._client: AsyncClient | None = None
 
-    def _start(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=_run_loop, args=(loop,), name="lynxkv-connector", daemon=True
-                )
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
-
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self._start())
+        return asyncio.run_coroutine_threadsafe(coro, self._runner.loop())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
@@ -142,28 +130,13 @@ class _LoopThread:
         assert self._client is not None
         return self._client
 
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
     def close(self) -> None:
-        with self._lock:
-            loop, thread, client = self._loop, self._thread, self._client
-            self._loop = self._thread = self._client = None
-        if loop is None or thread is None:
-            return
-        try:
-            if client is not None:
-                asyncio.run_coroutine_threadsafe(client.close(), loop).result()
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+        self._runner.stop(self._close_client)
 
 
 def _concat(per_key: list[Layers]) -> Layers:
