@@ -1,4 +1,4 @@
-"""Bandwidth of the GPU decode kernels (lynxkv.gpu) on about 1 GB of KV, on one GPU.
+"""Bandwidth of the GPU kernels (lynxkv.gpu) on about 1 GB of KV, on one GPU.
 
 For each case: a few sections are encoded by the numpy codec (fresh random KV), copied
 to the device and replicated to about 1 GB of output, then one launch per K|V kind
@@ -9,6 +9,13 @@ of the whole set, after warm-up, median of repeats. GB/s counts the bytes the ke
 must move: payload read (anchor; anchor and residual for refine) plus output written.
 ``ratio`` is against 4.27 TB/s, the device-to-device copy bandwidth measured on this
 GPU kind (a torch copy measured in the same run is printed beside it).
+
+``encode`` rows time the encoding kernel the same way: about 1 GB of bf16 K and V in the
+engine's [1, H, T, D] layout (one section per job), one launch per K|V kind. Before
+timing, a sample of sections is compared with the numpy encoder field by field
+(``lynxkv.gpu.compare``; the contract: at most 1 in 100,000 codes differ, by one). GB/s
+counts the bf16 input read plus the payloads written (anchor with its metadata, and
+residual).
 
 ``staged_*`` rows time the public API end to end from host bytes (pinned staging, H2D
 copies on a side stream overlapped with the kernels): bounded by the host link, they
@@ -26,6 +33,7 @@ import datetime
 import functools
 import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +44,12 @@ import torch
 from lynxkv.codec import CODECS, ObjectDecoder, encode
 from lynxkv.codec.sections import decode_tensor, encode_tensor
 from lynxkv.gpu import decode_anchor, refine_residual
+from lynxkv.gpu import encode_chunks as gpu_encode_chunks
+from lynxkv.gpu.compare import CodeDiff, compare_sections
 from lynxkv.gpu.cuda_source import MIN_BLOCKS, TOKENS_PER_THREAD
 from lynxkv.gpu.device import launch_dequant
+from lynxkv.gpu.encode import launch_encode
+from lynxkv.gpu.encode_tables import regions
 from lynxkv.gpu.staging import aligned_offsets
 from lynxkv.gpu.tables import make_plan
 from tests.codec.kvgen import make_kv
@@ -160,6 +172,91 @@ class Case:
         return self.n * (payload + 2 * 2 * T * H * D)
 
 
+class EncodeCase:
+    """``n`` [1, H, T, D] bf16 sections per K|V kind on the device, and their payloads."""
+
+    def __init__(self, codec: str, n: int, seed: int) -> None:
+        self.spec = CODECS[codec]
+        self.n = n
+        dev = torch.device("cuda")
+        self.src = make_kv(seed, layers=SOURCES, tokens=T, heads=H, dim=D)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.regions = {kv: regions(self.spec, kv, (T, H, D)) for kv in ("k", "v")}
+        self.out: dict[str, torch.Tensor] = {}
+        self.jobs: dict[str, torch.Tensor] = {}
+        for j, kv in enumerate(("k", "v")):
+            layers = [torch.from_numpy(np.asarray(p[j]).view(np.int16)) for p in self.src]
+            hnd = torch.stack(layers).view(torch.bfloat16).permute(0, 2, 1, 3).to(dev)
+            x = hnd.repeat(-(-n // SOURCES), 1, 1, 1)[:n].contiguous()  # [n, H, T, D]
+            reg = self.regions[kv]
+            out = torch.zeros(n * reg.stride, dtype=torch.uint8, device=dev)
+            idx = torch.arange(n, device=dev, dtype=torch.int64)
+            base = out.data_ptr() + idx * reg.stride
+            src = x.data_ptr() + idx * x.stride(0) * x.element_size()
+            self.jobs[kv] = torch.stack([src, base + reg.anchor, base + reg.residual], 1)
+            self.inputs[kv], self.out[kv] = x, out
+        self.status = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def run(self) -> None:
+        for kv in ("k", "v"):
+            x = self.inputs[kv]
+            launch_encode(
+                self.spec,
+                kv,
+                (T, H, D),
+                torch.bfloat16,
+                self.jobs[kv],
+                (x.stride(2), x.stride(1)),
+                self.status,
+            )
+
+    def check(self) -> CodeDiff:
+        """A sample of sections against the numpy encoder, field by field."""
+        if int(self.status.item()):
+            raise SystemExit(f"ENCODE {self.spec.name}: input flagged {int(self.status.item())}")
+        total = CodeDiff()
+        for kv in ("k", "v"):
+            reg = self.regions[kv]
+            host = self.out[kv].view(self.n, reg.stride).cpu().numpy()
+            for j in sorted({0, 1, SOURCES - 1, self.n - 1}):
+                row = host[j]
+                ours = (
+                    row[reg.anchor : reg.anchor + reg.anchor_size].tobytes(),
+                    row[reg.residual : reg.residual + reg.residual_size].tobytes(),
+                )
+                x = self.src[j % SOURCES][0 if kv == "k" else 1]
+                ref = encode_tensor(x, self.spec, kv, "bf16")
+                total += compare_sections(self.spec, kv, (T, H, D), ours, ref)
+        if not total.within():
+            raise SystemExit(f"ENCODE MISMATCH {self.spec.name}: {total.describe()}")
+        return total
+
+    def bytes_moved(self) -> int:
+        payload = sum(r.anchor_size + r.residual_size for r in self.regions.values())
+        return self.n * (payload + 2 * 2 * T * H * D)
+
+
+def _staged_encode(repeats: int) -> float:
+    """Public ``encode_chunks`` from device tensors to object bytes (32 layers x 8 objects):
+    GB/s of bf16 input; bound by the host (copy out, checksums, headers)."""
+    kv = make_kv(8, layers=32, tokens=T * 8, heads=H, dim=D)
+    dev = torch.device("cuda")
+
+    def hnd(x: Any) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(x).view(np.int16)).view(torch.bfloat16)
+        return t.permute(1, 0, 2).unsqueeze(0).contiguous().to(dev)
+
+    k, v = [hnd(a) for a, _ in kv], [hnd(b) for _, b in kv]
+    times = []
+    for i in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        gpu_encode_chunks(k, v, "lynx-a4", tokens_per_object=T, backend="cupy")
+        if i:  # the first call compiles and warms up
+            times.append(time.perf_counter() - start)
+    return 2 * 2 * 32 * T * 8 * H * D / statistics.median(times) / 1e9
+
+
 def _staged(n_objects: int, repeats: int) -> dict[str, float]:
     """Public API from host bytes: objects of 32 layers, like a Llama-3-8B chunk."""
     kv = make_kv(7, layers=32, tokens=T, heads=H, dim=D)
@@ -260,7 +357,28 @@ def main() -> None:
                     )
         del case
         torch.cuda.empty_cache()
+    checks: dict[str, CodeDiff] = {}
+    for i, codec in enumerate(("lynx-a4", "uniform-a4", "lynx-a4-paper")):
+        enc = EncodeCase(codec, n, seed=200 + i)
+        enc.run()
+        torch.cuda.synchronize()
+        checks[codec] = enc.check()
+        seconds = _time(enc.run, args.repeats)
+        moved = enc.bytes_moved()
+        gbps = moved / seconds / 1e9
+        rows.append(("encode", codec, "hnd", moved / 1e9, seconds * 1e3, gbps))
+        kernels["encode" if codec == "lynx-a4" else f"encode[{codec},hnd]"] = {
+            "gbps": round(gbps, 1),
+            "ratio": round(gbps / (COPY_TBPS * 1e3), 3),
+            "ms": round(seconds * 1e3, 3),
+            "codes_checked": checks[codec].codes,
+            "mismatches": checks[codec].mismatches,
+            "meta_mismatches": checks[codec].meta_differ,
+        }
+        del enc
+        torch.cuda.empty_cache()
     staged = _staged(n_objects=8, repeats=max(3, args.repeats // 4))
+    staged["encode_api_gbps"] = _staged_encode(repeats=3)
     print(
         f"device: {props.name}, {props.multi_processor_count} SMs; torch copy {copy_tbps:.2f} TB/s"
     )
@@ -269,9 +387,15 @@ def main() -> None:
     for kernel, codec, layout, gb, ms, gbps in rows:
         ratio = gbps / (COPY_TBPS * 1e3)
         print(f"{kernel:<16} {codec:<14} {layout:<6} {gb:9.3f} {ms:8.3f} {gbps:8.1f} {ratio:6.3f}")
+    for codec, diff in checks.items():
+        print(f"encode check {codec} (sampled sections vs numpy): {diff.describe()}")
     print(
         f"staged API (lynx-a4, 32 layers x 8 objects, host bytes): anchor "
         f"{staged['anchor_gbps']:.1f} GB/s, residual {staged['residual_gbps']:.1f} GB/s of payload"
+    )
+    print(
+        f"encode API (lynx-a4, 32 layers x 8 objects, device tensors to object bytes): "
+        f"{staged['encode_api_gbps']:.1f} GB/s of bf16 input"
     )
     result = {
         "kernels": kernels,

@@ -7,7 +7,7 @@ validates their headers; ``decoder`` reads the sections incrementally.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,9 @@ __all__ = [
     "Bytes",
     "Header",
     "SectionRef",
+    "assemble_object",
     "build_object",
+    "check_dims",
     "checksum",
     "parse_header",
     "parse_preamble",
@@ -141,7 +143,7 @@ def _zstd() -> Any:
     return zstandard
 
 
-def _compress(payload: bytes, enabled: bool) -> tuple[bytes, bool]:
+def _compress(payload: Bytes, enabled: bool) -> tuple[Bytes, bool]:
     """zstd-compress a payload when enabled, keeping it plain where that is not smaller."""
     if not enabled:
         return payload, False
@@ -165,6 +167,17 @@ def _section_order(layers: int, with_residual: bool) -> list[tuple[Stream, int, 
     return [(s, layer, kv) for s in streams for layer in range(layers) for kv in ("k", "v")]
 
 
+def check_dims(shape: tuple[int, ...], layers: int) -> None:
+    """CodecError unless ``shape`` is a [T, H, D] and every size is within the format's limits."""
+    if len(shape) != 3:
+        raise CodecError(f"expected [T, H, D] tensors, got shape {shape}")
+    for (name, limit), size in zip(
+        _LIMITS.items(), (shape[0], layers, shape[1], shape[2]), strict=True
+    ):
+        if not 1 <= size <= limit:
+            raise CodecError(f"{name} must be in [1, {limit}], got {size}")
+
+
 def build_object(
     kv: Sequence[tuple[NDArray[Any], NDArray[Any]]], codec: CodecSpec, *, model: str = ""
 ) -> bytes:
@@ -180,24 +193,37 @@ def build_object(
                     f"layer {i} {name} is {t.dtype}{list(t.shape)}; every tensor must be "
                     f"{kv[0][0].dtype}{list(shape)}"
                 )
-    if len(shape) != 3:
-        raise CodecError(f"expected [T, H, D] tensors, got shape {shape}")
-    for (name, limit), size in zip(
-        _LIMITS.items(), (shape[0], len(kv), shape[1], shape[2]), strict=True
-    ):
-        if not 1 <= size <= limit:
-            raise CodecError(f"{name} must be in [1, {limit}], got {size}")
-    payloads: dict[tuple[Stream, int, KV], tuple[bytes, bool]] = {}
+    check_dims(shape, len(kv))
+    payloads: dict[tuple[Stream, int, KV], Bytes] = {}
     for layer, (k, v) in enumerate(kv):
         for name, tensor in _named(k, v):
             anchor, residual = encode_tensor(tensor, codec, name, dtype)
-            payloads["anchor", layer, name] = _compress(anchor, codec.zstd_anchor)
-            payloads["residual", layer, name] = _compress(residual, codec.zstd_residual)
-    order = _section_order(len(kv), codec.has_residual)
+            payloads["anchor", layer, name] = anchor
+            payloads["residual", layer, name] = residual
+    return assemble_object(payloads, codec, shape=shape, layers=len(kv), dtype=dtype, model=model)
+
+
+def assemble_object(
+    payloads: Mapping[tuple[Stream, int, KV], Bytes],
+    codec: CodecSpec,
+    *,
+    shape: tuple[int, int, int],
+    layers: int,
+    dtype: str,
+    model: str = "",
+) -> bytes:
+    """The object of ready section payloads, keyed ``(stream, layer, kv)`` (uncompressed;
+    zstd is applied here as the codec says). Callers validate ``shape`` (``check_dims``)
+    and the payload sizes; the GPU encoder uses this to share the container code."""
+    order = _section_order(layers, codec.has_residual)
+    stored: dict[tuple[Stream, int, KV], tuple[Bytes, bool]] = {}
+    for stream, layer, name in order:
+        enabled = codec.zstd_anchor if stream == "anchor" else codec.zstd_residual
+        stored[stream, layer, name] = _compress(payloads[stream, layer, name], enabled)
     base = {
         "model": model,
         "tokens": shape[0],
-        "layers": len(kv),
+        "layers": layers,
         "kv_heads": shape[1],
         "head_dim": shape[2],
         "dtype": dtype,
@@ -208,7 +234,7 @@ def build_object(
         offset = PREAMBLE.size + header_len
         table, anchor_end = [], offset
         for stream, layer, name in order:
-            data, zstd = payloads[stream, layer, name]
+            data, zstd = stored[stream, layer, name]
             table.append([stream, layer, name, offset, len(data), checksum(data), zstd])
             offset += len(data)
             if stream == "anchor":
@@ -221,8 +247,11 @@ def build_object(
         header_len = len(header)
     else:  # pragma: no cover - msgpack integer sizes only grow, so this converges in a few steps
         raise AssertionError("header length did not converge")
-    parts = [PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), checksum(header)), header]
-    parts.extend(payloads[key][0] for key in order)
+    parts: list[Bytes] = [
+        PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), checksum(header)),
+        header,
+    ]
+    parts.extend(stored[key][0] for key in order)
     return b"".join(parts)
 
 

@@ -31,8 +31,10 @@ __all__ = [
     "dequantize",
     "full_codes",
     "full_levels",
+    "magnitude_codes",
     "meta_layout",
     "quantize",
+    "sigma_fields",
     "sigma_table",
 ]
 
@@ -166,17 +168,33 @@ def _chunk_meta(
         mu = mu_field.astype(np.float32)
     spread = np.abs(chunks - mu[:, None, :]).max(axis=1)
     if spec.chunk_meta == "u8":
-        with np.errstate(divide="ignore"):
-            k = np.ceil(np.log2(spread) * SIGMA_U8_STEPS + SIGMA_U8_BIAS)
-        k = np.clip(np.nan_to_num(k, neginf=0.0), 0, 255).astype(np.int64)
-        table = sigma_table()
-        k = np.where((table[k] < spread) & (k < 255), k + 1, k)  # float rounding guard
-        sigma_field: NDArray[np.generic] = k.astype(np.uint8)
-        sigma = table[k]
+        sigma_field: NDArray[np.generic] = sigma_fields(spread)
+        sigma = sigma_table()[sigma_field]
     else:
         sigma_field = f16_up(spread.astype(np.float32))
         sigma = sigma_field.astype(np.float32)
     return mu_field, sigma_field, mu.astype(np.float32), sigma
+
+
+def sigma_fields(spread: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """The u8 ``sigma`` field of each chunk spread (float32, >= 0): about the smallest k
+    whose scale ``sigma_table()[k]`` covers it."""
+    with np.errstate(divide="ignore"):
+        k = np.ceil(np.log2(spread) * SIGMA_U8_STEPS + SIGMA_U8_BIAS)
+    k = np.clip(np.nan_to_num(k, neginf=0.0), 0, 255).astype(np.int64)
+    table = sigma_table()
+    k = np.where((table[k] < spread) & (k < 255), k + 1, k)  # float rounding guard
+    fields: NDArray[np.uint8] = k.astype(np.uint8)
+    return fields
+
+
+def magnitude_codes(a: NDArray[np.float32], spec: CodecSpec, alpha: float) -> NDArray[np.int16]:
+    """The magnitude code I of ``a = |y|`` (float32 in [0, 1]): log companding, rounded."""
+    compand = np.log1p(np.float32(alpha) * a) / np.float32(np.log1p(alpha))
+    codes: NDArray[np.int16] = np.clip(np.rint(compand * spec.top_code), 0, spec.top_code).astype(
+        np.int16
+    )
+    return codes
 
 
 def _chunk_values(
@@ -204,8 +222,7 @@ def quantize(x: NDArray[np.float32], spec: CodecSpec, kv: str, heads: int = 1) -
         _broadcast_chunks(sigma, spec, kv, t, c) + EPS
     )
     y = np.clip(y, -1.0, 1.0)
-    compand = np.log1p(np.float32(alpha) * np.abs(y)) / np.float32(np.log1p(alpha))
-    code = np.clip(np.rint(compand * spec.top_code), 0, spec.top_code).astype(np.int16)
+    code = magnitude_codes(np.abs(y), spec, alpha)
     m = (code + (2 ** (r_bits - 1) - 1)) >> r_bits
     q = np.where(y < 0, -(m + 1), m)
     r = m * 2**r_bits - code
