@@ -21,9 +21,13 @@ is monotone. Chunk extremes of ``xn`` come from the extremes of ``x`` (the map i
 monotone), so only lynx-a4-paper's mean needs another sweep (one lane per channel,
 in token order, to add in numpy's order).
 
-Measured (H200, bench/gpu.py, 2026-11-30): 0.14 of copy bandwidth for lynx-a4, 0.28 for
-uniform-a4, with no field differing from numpy's on the sampled sections; the target is
-0.60 (docs/benchmarks.md has the reading and what to try next).
+Divisions by a shared divisor (per channel or token) take its reciprocal once and per
+element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
+
+Measured (H200, bench/gpu.py, 2026-11-30): 0.20 of copy bandwidth for lynx-a4, 0.40 for
+uniform-a4, 0.18 for lynx-a4-paper (0.14, 0.28, 0.12 before ``div_fast``), with no field
+differing from numpy's on the sampled sections; the target is 0.60 (docs/benchmarks.md
+has the reading and what to try next).
 """
 
 from __future__ import annotations
@@ -142,17 +146,41 @@ __device__ __forceinline__ int sigma_index(float spread, const float* thr) {
     return k;
 }
 
-// The magnitude code of a = |y| in [0, 1]: a fast estimate (off by far less than one
-// code), corrected against numpy's thresholds (thr[0] = 0, thr[top + 1] = +inf).
-__device__ __forceinline__ int magnitude(float a, const float* thr, float alpha, float scale,
+// The magnitude code of a = |y| in [0, 1]: a fast estimate (within one code of numpy's,
+// test_fast_estimate_is_within_the_correction_window), corrected by one step against
+// numpy's thresholds (thr[0] = 0, thr[top + 1] = +inf); ``scale2`` = top / log2(1 + alpha).
+__device__ __forceinline__ int magnitude(float a, const float* thr, float alpha, float scale2,
                                          int top) {
-    int c = __float2int_rn(__logf(1.0f + alpha * a) * scale);
-    c = min(max(c, 0), top);
-    if (a >= thr[c + 1]) ++c;
-    if (a >= thr[c + 1]) ++c;
-    if (a < thr[c]) --c;
-    if (a < thr[c]) --c;
-    return c;
+    float l;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.0f + alpha * a));
+    int c = min(max(__float2int_rn(l * scale2), 0), top);
+    const float lo = thr[c], hi = thr[c + 1];  // two independent reads
+    return c + (a >= hi) - (a < lo);
+}
+
+// Division by a divisor b shared by many dividends, rounded exactly as __fdiv_rn: the
+// reciprocal and its Newton step once (rcp_step), then per dividend the fast path of
+// div.rn.f32 (a product and one correction). That path is exact where the operands and
+// quotient are far from the float32 range limits (what div.rn checks with FCHK): here b
+// in [2^-40, 2^48] (rcp_ok) and a = 0 or |a| in [2^-40, 2^48]; div_slow flags the rest,
+// and the caller redoes those with __fdiv_rn.
+#define DIV_LO 0x2b800000u  // 2^-40
+#define DIV_HI 0x57800000u  // 2^48
+__device__ __forceinline__ float rcp_step(float b) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+    return __fmaf_rn(y, __fmaf_rn(-b, y, 1.0f), y);
+}
+__device__ __forceinline__ bool rcp_ok(float b) {
+    return __float_as_uint(b) - DIV_LO < DIV_HI - DIV_LO;  // positive, in range
+}
+__device__ __forceinline__ bool div_slow(float a) {
+    const unsigned int m = __float_as_uint(a) & 0x7fffffffu;
+    return m != 0 && m - DIV_LO >= DIV_HI - DIV_LO;
+}
+__device__ __forceinline__ float div_fast(float a, float b, float y) {
+    const float q = __fmul_rn(a, y);
+    return __fmaf_rn(y, __fmaf_rn(-b, q, a), q);
 }
 
 // LYNX: the lynx codec (page stage, log companding), else uniform. BY_TOKEN: chunk
@@ -160,7 +188,7 @@ __device__ __forceinline__ int magnitude(float a, const float* thr, float alpha,
 // U8: lynx chunk fields are u8 (else float16). MEAN: lynx chunks centred on their mean
 // (else on the middle of their range).
 template <typename InT, int D, bool LYNX, int ABITS, bool BY_TOKEN, bool U8, bool MEAN>
-__global__ void __launch_bounds__(256) encode(
+__global__ void __launch_bounds__(256, 3) encode(
     const EncJob* __restrict__ jobs, const float* __restrict__ tables, int* __restrict__ status,
     int T, int H, int page_tokens, long long stride_t, long long stride_h,
     long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
@@ -241,7 +269,8 @@ __global__ void __launch_bounds__(256) encode(
     }
 
     // Page metadata (lynx): g_min rounded down, g_scale = max - g_min rounded up.
-    float gmin[8], gscl[8];
+    float gmin[8], gscl[8], grcp[8];  // grcp: rcp_step(gscl)
+    bool gok = true;                   // every gscl suits div_fast
     if (LYNX) {
         if (s == 0) {
 #pragma unroll
@@ -271,6 +300,8 @@ __global__ void __launch_bounds__(256) encode(
             gmin[i] = h2f(bmin[i]);
             bscl[i] = f16_up(__fsub_rn(pmax[i], gmin[i]));
             gscl[i] = __fadd_rn(h2f(bscl[i]), EPS);
+            grcp[i] = rcp_step(gscl[i]);
+            gok &= rcp_ok(gscl[i]);
         }
         if (warp == 0 && s == 0) {
             const long long o = 2 * ((long long)blockIdx.y * C + c0);
@@ -280,7 +311,8 @@ __global__ void __launch_bounds__(256) encode(
     }
 
     // Chunk metadata per channel: lynx mu and sigma (+ EPS), uniform min and scale (+ EPS).
-    float cmu[8], csig[8];
+    float cmu[8], csig[8], crcp[8];  // crcp: rcp_step(csig)
+    bool cok = true;                 // every csig suits div_fast
     if (!BY_TOKEN) {
         unsigned int fmu[8], fsg[8];
         if (LYNX) {
@@ -295,12 +327,22 @@ __global__ void __launch_bounds__(256) encode(
                 if (s == 0 && tw < T) {
                     const int n = min(32, T - tw);
                     for (int j = 0; j < n; ++j) {
-                        float v[8];
+                        float v[8], xn[8];
                         get8(tile + (warp * 32 + j) * D + d0, v);
+                        bool slow = !gok;
 #pragma unroll
-                        for (int i = 0; i < 8; ++i)
-                            sum[i] = __fadd_rn(
-                                sum[i], __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]));
+                        for (int i = 0; i < 8; ++i) {
+                            const float a = __fsub_rn(v[i], gmin[i]);
+                            slow |= div_slow(a);
+                            xn[i] = div_fast(a, gscl[i], grcp[i]);
+                        }
+                        if (slow) {
+#pragma unroll
+                            for (int i = 0; i < 8; ++i)
+                                xn[i] = __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]);
+                        }
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) sum[i] = __fadd_rn(sum[i], xn[i]);
                     }
                 }
 #pragma unroll
@@ -343,6 +385,11 @@ __global__ void __launch_bounds__(256) encode(
                 csig[i] = __fadd_rn(h2f(fsg[i]), EPS);
             }
         }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            crcp[i] = rcp_step(csig[i]);
+            cok &= rcp_ok(csig[i]);
+        }
         if (s == 0 && tw < T) {
             const long long o = (long long)(tw >> 5) * C + c0;  // chunk index * C + channel
             if (LYNX && U8) {
@@ -356,6 +403,7 @@ __global__ void __launch_bounds__(256) encode(
     }
 
     // Pass 2: the fields of every element, the per-token statistics first where needed.
+    const float scale2 = __fmul_rn(code_scale, 0.6931472f);  // top / log2(1 + alpha)
 #pragma unroll 2
     for (int j = 0; j < GB; ++j) {
         const int t = t0 + j;
@@ -368,9 +416,22 @@ __global__ void __launch_bounds__(256) encode(
             for (int i = 0; i < 8; ++i) v[i] = 0.0f;
         }
         float x[8];
+        if (LYNX) {
+            bool slow = !gok;
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-            x[i] = LYNX ? __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]) : v[i];
+            for (int i = 0; i < 8; ++i) {
+                const float a = __fsub_rn(v[i], gmin[i]);
+                slow |= div_slow(a);
+                x[i] = div_fast(a, gscl[i], grcp[i]);
+            }
+            if (slow) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) x[i] = __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[i] = v[i];
+        }
         if (BY_TOKEN) {  // the D/8 lanes of this token and head hold its D channels
             float hi = -INF, lo = INF;
 #pragma unroll
@@ -424,25 +485,40 @@ __global__ void __launch_bounds__(256) encode(
                     ((unsigned short*)(anchor + off_sigma))[o] = (unsigned short)fsg;
                 }
             }
+            const float sig = __fadd_rn(sg, EPS), rcp = rcp_step(sig);
+            cok = rcp_ok(sig);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 cmu[i] = mu;
-                csig[i] = __fadd_rn(sg, EPS);
+                csig[i] = sig;
+                crcp[i] = rcp;
             }
+        }
+        // lynx y = (xn - mu) / (sigma + EPS), uniform (x - min) / (scale + EPS)
+        float q[8];
+        bool slow = !cok;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float a = __fsub_rn(x[i], cmu[i]);
+            slow |= div_slow(a);
+            q[i] = div_fast(a, csig[i], crcp[i]);
+        }
+        if (slow) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(__fsub_rn(x[i], cmu[i]), csig[i]);
         }
         unsigned int af[8], rf[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            if (LYNX) {  // y = (xn - mu) / (sigma + EPS) in [-1, 1]; sign-aware split
-                float y = __fdiv_rn(__fsub_rn(x[i], cmu[i]), csig[i]);
-                y = fminf(fmaxf(y, -1.0f), 1.0f);
-                const int code = magnitude(fabsf(y), s_thr, alpha, code_scale, top);
+            if (LYNX) {  // y in [-1, 1]; sign-aware split
+                const float y = fminf(fmaxf(q[i], -1.0f), 1.0f);
+                const int code = magnitude(fabsf(y), s_thr, alpha, scale2, top);
                 const int m = (code + (1 << (RBITS - 1)) - 1) >> RBITS;
                 const int q = y < 0.0f ? -(m + 1) : m;
                 af[i] = (unsigned int)q & ((1u << ABITS) - 1);
                 rf[i] = (unsigned int)(m * (1 << RBITS) - code + (1 << (RBITS - 1)));
             } else {  // u = round((x - min) / (scale + EPS) * 255); high and low bits
-                float u = rintf(__fmul_rn(__fdiv_rn(__fsub_rn(x[i], cmu[i]), csig[i]), 255.0f));
+                const float u = rintf(__fmul_rn(q[i], 255.0f));
                 const unsigned int ui = (unsigned int)fminf(fmaxf(u, 0.0f), 255.0f);
                 af[i] = ui >> RBITS;
                 rf[i] = ui & ((1u << RBITS) - 1);
