@@ -1,8 +1,9 @@
-"""Opening the store a config names (``lmdb`` now; a Redis Cluster URL later)."""
+"""Opening the store a config names: ``lmdb``, or a ``redis-cluster://`` URL."""
 
 from __future__ import annotations
 
-from lynxkv.kvstore.config import ServerConfig
+from lynxkv.errors import MissingDependency
+from lynxkv.kvstore.config import ServerConfig, parse_redis_cluster_url
 from lynxkv.kvstore.store import Store
 
 __all__ = ["open_store"]
@@ -13,4 +14,11 @@ async def open_store(config: ServerConfig) -> Store:
         from lynxkv.kvstore.lmdb_store import LmdbStore
 
         return await LmdbStore.open(config.data_dir, config.max_bytes)
-    raise ValueError(f"unknown store {config.store!r}")  # ServerConfig validates it first
+    url = parse_redis_cluster_url(config.store)  # ServerConfig validated it
+    try:
+        import redis  # noqa: F401  (only its absence matters here)
+    except ImportError as exc:
+        raise MissingDependency("redis", "server") from exc
+    from lynxkv.kvstore.redis_store import RedisClusterStore
+
+    return await RedisClusterStore.open(url.nodes, url.options)

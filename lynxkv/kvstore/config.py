@@ -17,29 +17,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from lynxkv.kvstore.redis_layout import RedisOptions
+
 __all__ = [
     "LOG_LEVELS",
+    "REDIS_CLUSTER_SCHEME",
     "STORES",
+    "RedisClusterUrl",
     "ServerConfig",
     "add_arguments",
     "format_size",
     "load_config",
+    "parse_redis_cluster_url",
     "parse_size",
     "read_token",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: Storage backends ``store`` may name. A distributed one (``redis-cluster://...``)
-#: will be a URL here; the scheme picks the backend.
-STORES = ("lmdb",)
+#: Storage backends ``store`` may name: ``lmdb``, or a ``redis-cluster://`` URL.
+STORES = ("lmdb", "redis-cluster")
+REDIS_CLUSTER_SCHEME = "redis-cluster://"
+_STORE_FORMS = "lmdb or redis-cluster://HOST:PORT[,HOST:PORT...][?OPTION=VALUE&...]"
 
 _UNITS = {
     "": 1,
@@ -68,12 +76,15 @@ class ServerConfig:
     #: TCP port; 0 binds any free port (tests).
     port: int = 7470
     data_dir: Path = Path("lynx-data")
-    #: Bytes stored at most; a PUT beyond it evicts the least recently used objects.
+    #: Bytes stored at most; a PUT beyond it evicts the least recently used objects. (LMDB;
+    #: a Redis Cluster's capacity is its masters' maxmemory.)
     max_bytes: int = 8 << 30
     max_object_bytes: int = 1 << 30
     #: The bearer token every route but /healthz requires; None: no authentication.
     auth_token: str | None = field(default=None, repr=False)
     log_level: str = "info"
+    #: ``lmdb`` (embedded, in ``data_dir``) or a ``redis-cluster://`` URL (shared by any
+    #: number of servers; see ``parse_redis_cluster_url``).
     store: str = "lmdb"
 
     def __post_init__(self) -> None:
@@ -122,11 +133,10 @@ def _check_log_level(level: object) -> None:
 
 
 def _check_store(store: object) -> None:
-    if store not in STORES:
-        raise ValueError(
-            f"store must be one of {', '.join(STORES)} (the embedded LMDB in data_dir);"
-            f" got {store!r}"
-        )
+    if isinstance(store, str) and store.startswith(REDIS_CLUSTER_SCHEME):
+        parse_redis_cluster_url(store)
+    elif store != "lmdb":
+        raise ValueError(f"store must be {_STORE_FORMS}; got {store!r}")
 
 
 def _check_token(token: str, where: str) -> None:
@@ -135,6 +145,98 @@ def _check_token(token: str, where: str) -> None:
             f"{where} must consist of letters, digits and -._~+/ (optionally ending in =)"
             " to fit an 'Authorization: Bearer' header"
         )
+
+
+# The Redis Cluster URL.
+
+
+@dataclass(frozen=True)
+class RedisClusterUrl:
+    """What a ``redis-cluster://`` store URL says: seed nodes and the store's options."""
+
+    nodes: tuple[tuple[str, int], ...]
+    options: RedisOptions
+
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*", re.ASCII)
+
+
+def parse_redis_cluster_url(url: str) -> RedisClusterUrl:
+    """``redis-cluster://HOST:PORT[,HOST:PORT...][?OPTION=VALUE&...]``: seed nodes (any
+    live node of the cluster will do; list several so that one may be down), and options
+    named as ``RedisOptions``' fields (``?prefix=lynxkv&replicas=1&wait_ms=1000``)."""
+    if not url.startswith(REDIS_CLUSTER_SCHEME):
+        raise ValueError(f"a Redis Cluster URL starts with {REDIS_CLUSTER_SCHEME}; got {url!r}")
+    rest = url.removeprefix(REDIS_CLUSTER_SCHEME)
+    where = f"in store URL {url!r}"
+    if "#" in rest:
+        raise ValueError(f"{where}: a fragment (#...) means nothing here")
+    netloc, _, query = rest.partition("?")
+    if "@" in netloc:
+        raise ValueError(f"{where}: credentials in the URL are not supported")
+    if "/" in netloc.rstrip("/"):
+        raise ValueError(f"{where}: a path means nothing here (a cluster has one database)")
+    netloc = netloc.rstrip("/")
+    if not netloc:
+        raise ValueError(f"{where}: name at least one node as HOST:PORT")
+    nodes = tuple(_parse_node(item, where) for item in netloc.split(","))
+    twice = sorted({f"{h}:{p}" for h, p in nodes if nodes.count((h, p)) > 1})
+    if twice:
+        raise ValueError(f"{where}: node {twice[0]} is listed twice")
+    return RedisClusterUrl(nodes, _parse_redis_options(query, where))
+
+
+def _parse_node(item: str, where: str) -> tuple[str, int]:
+    if item.startswith("["):  # an IPv6 literal (RFC 3986 3.2.2)
+        host, sep, port = item[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{where}: {item!r} is not [IPv6]:PORT") from None
+    else:
+        host, sep, port = item.rpartition(":")
+        if sep and not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{where}: {host!r} is not a host name or IPv4 address")
+    if not sep:
+        raise ValueError(f"{where}: {item!r} needs a port (HOST:PORT)")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"{where}: port {port!r} of {item!r} is not in 1..65535")
+    return host, int(port)
+
+
+def _parse_redis_options(query: str, where: str) -> RedisOptions:
+    defaults = {f.name: f.default for f in dataclasses.fields(RedisOptions)}
+    values: dict[str, Any] = {}
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"{where}: the query is not NAME=VALUE&...") from None
+    for name, text in pairs:
+        if name not in defaults:
+            known = ", ".join(defaults)
+            raise ValueError(f"{where}: unknown option {name!r}; known: {known}")
+        if name in values:
+            raise ValueError(f"{where}: option {name!r} is given twice")
+        values[name] = _option_value(name, text, defaults[name], where)
+    try:
+        return RedisOptions(**values)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _option_value(name: str, text: str, default: object, where: str) -> object:
+    try:
+        if name == "piece_size":
+            return parse_size(text)
+        if isinstance(default, str):
+            return text
+        if isinstance(default, int):
+            return int(text)
+        return float(text)
+    except ValueError:
+        kind = "a size" if name == "piece_size" else type(default).__name__
+        raise ValueError(f"{where}: option {name}={text!r} is not {kind}") from None
 
 
 # Sizes.
@@ -261,7 +363,8 @@ _SETTINGS = (
         "max_bytes",
         "SIZE",
         _parse_size,
-        "bytes stored at most; storing more evicts the least recently used objects" + _SIZE_HELP,
+        "bytes stored at most; storing more evicts the least recently used objects"
+        " (lmdb; a Redis Cluster's capacity is its maxmemory)" + _SIZE_HELP,
     ),
     _Setting(
         "max_object_bytes", "SIZE", _parse_size, "largest object a PUT may store" + _SIZE_HELP
@@ -274,7 +377,14 @@ _SETTINGS = (
         " (Authorization: Bearer <token>); surrounding whitespace is ignored",
     ),
     _Setting("log_level", "LEVEL", _parse_log_level, "one of " + ", ".join(LOG_LEVELS)),
-    _Setting("store", "STORE", _parse_store, "storage backend: lmdb (embedded, in --data-dir)"),
+    _Setting(
+        "store",
+        "STORE",
+        _parse_store,
+        "storage backend: lmdb (embedded, in --data-dir), or redis-cluster://HOST:PORT[,...]"
+        " (a Redis Cluster that several servers share), with options as ?NAME=VALUE&...: "
+        + ", ".join(f.name for f in dataclasses.fields(RedisOptions)),
+    ),
 )
 _BY_NAME = {s.name: s for s in _SETTINGS}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lynxkv.kvstore.store import StoreStats
@@ -32,6 +32,13 @@ class _StoreCollector(Collector):
         )
         yield GaugeMetricFamily(
             "lynxkv_evictions", "Objects evicted to make room since start", value=s.evictions
+        )
+        # Only a store that can lose pieces behind the server's back (Redis: eviction,
+        # failover) has a count here; LMDB reports 0.
+        yield CounterMetricFamily(
+            "lynxkv_store_missing_pieces",
+            "Objects found with a piece missing (evicted or lost) and removed: reads of them 404",
+            value=getattr(s, "missing_pieces", 0),
         )
 
 

@@ -2,6 +2,10 @@
 dir, in this process (``live_server``, the ``serve`` fixture) or as a ``lynxkv serve``
 subprocess (``ServerProcess``); valid codec objects; readers of frames and multipart bodies.
 
+The ``backend`` fixture runs a test once per store: on LMDB, and on the session's Redis
+Cluster (``redis_cluster``, three masters with a replica each, started on first use) in a
+key namespace of the test's own. ``serve`` and ``hooked_server`` take it.
+
 pytest-asyncio is not used: a test is a plain function that hands a coroutine to ``serve``
 (or to ``asyncio.run``).
 """
@@ -19,8 +23,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +35,13 @@ from aiohttp import web
 
 from lynxkv.codec import encode, parse_header
 from lynxkv.kvstore.app import make_app
-from lynxkv.kvstore.config import ServerConfig
+from lynxkv.kvstore.config import ServerConfig, parse_redis_cluster_url
 from lynxkv.kvstore.frames import DataFrame, Frame, FrameParser, InfoFrame
 from lynxkv.kvstore.lmdb_store import LmdbOptions, LmdbStore
 from lynxkv.kvstore.requests import MAX_KEYS, STORE
 from lynxkv.kvstore.store import ObjectInfo, PutHandle, Store, StoreStats
 from tests.codec.kvgen import make_kv
+from tests.redis_cluster import LocalCluster, require_tools
 
 MiB = 1 << 20
 #: No server test may hang: each coroutine a test runs is cut off after this long.
@@ -123,14 +129,16 @@ async def live_server(
     data_dir: Path,
     *,
     store: Store | None = None,
+    backend: str = "lmdb",
     setup: Callable[[web.Application], None] | None = None,
     **config: Any,
 ) -> AsyncIterator[Server]:
     """``make_app`` served by ``web.AppRunner`` and ``web.TCPSite`` on 127.0.0.1 port 0.
 
-    ``store`` replaces the LMDB the config names (the app closes it); ``setup`` may adjust
-    the app before it starts; ``config`` overrides ``config_for``'s settings."""
-    cfg = config_for(data_dir, **config)
+    ``backend`` is the config's ``store`` (``lmdb`` or a ``redis-cluster://`` URL), which
+    the app opens; ``store`` replaces it (the app closes it); ``setup`` may adjust the app
+    before it starts; ``config`` overrides ``config_for``'s settings."""
+    cfg = config_for(data_dir, store=backend, **config)
     app = make_app(cfg, store=store)
     if setup is not None:
         setup(app)
@@ -147,18 +155,94 @@ async def live_server(
         await runner.cleanup()
 
 
+# -- the stores a test runs on ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One Redis Cluster for the session (tests keep apart by key namespace); skips when
+    redis-server is not installed (fails in CI: ``require_tools``)."""
+    require_tools()
+    with LocalCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The store a test runs on: LMDB in the test's folder, or a namespace of its own on the
+    session's Redis Cluster."""
+
+    kind: str
+    cluster: LocalCluster | None = None
+    #: Options for the Redis store's URL (``stats_cache_s=0``: tests count right after acting).
+    query: str = ""
+
+    @property
+    def setting(self) -> str:
+        """The config's ``store`` value."""
+        if self.cluster is None:
+            return "lmdb"
+        return f"{self.cluster.url}?" + "&".join(filter(None, ["stats_cache_s=0", self.query]))
+
+    @property
+    def prefix(self) -> str:
+        """The Redis store's key namespace."""
+        return parse_redis_cluster_url(self.setting).options.prefix
+
+    def with_options(self, query: str) -> Backend:
+        """The same store with more URL options (``piece_size=4KiB&retire_grace_s=0``)."""
+        return replace(self, query="&".join(filter(None, [self.query, query])))
+
+    async def open(self, data_dir: Path, max_bytes: int, piece_size: int | None = None) -> Store:
+        """The store itself, as the app would open it (with pieces of ``piece_size``)."""
+        if self.cluster is None:
+            options = None
+            if piece_size is not None:
+                options = LmdbOptions(piece_size=piece_size, write_batch=4 * piece_size)
+            return await LmdbStore.open(data_dir, max_bytes, options)
+        from lynxkv.kvstore.redis_store import RedisClusterStore
+
+        url = parse_redis_cluster_url(self.setting)
+        opts = url.options if piece_size is None else replace(url.options, piece_size=piece_size)
+        return await RedisClusterStore.open(url.nodes, opts)
+
+    def max_bytes(self, config: ServerConfig) -> int:
+        """The capacity the store reports: LMDB's configured one, or the masters' maxmemory."""
+        if self.cluster is None:
+            return config.max_bytes
+        return sum(int(self.cluster.info(p, "memory")["maxmemory"]) for p in self.cluster.masters())
+
+
+def redis_backend(cluster: LocalCluster, query: str = "") -> Backend:
+    """A fresh namespace on ``cluster``."""
+    prefix = f"prefix=t-{uuid.uuid4().hex[:12]}"
+    return Backend("redis-cluster", cluster, "&".join(filter(None, [prefix, query])))
+
+
+@pytest.fixture(params=["lmdb", pytest.param("redis-cluster", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each store in turn (the cluster starts only when a Redis test runs)."""
+    if request.param == "lmdb":
+        return Backend("lmdb")
+    return redis_backend(request.getfixturevalue("redis_cluster"))
+
+
 Check = Callable[[Server], Awaitable[None]]
 Serve = Callable[..., None]
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Serve:
-    """``serve(check, **config)`` runs ``await check(server)`` against a fresh server whose
-    data lives in the test's temp dir; ``live_server``'s keywords pass through."""
+def serve(tmp_path: Path, backend: Backend) -> Serve:
+    """``serve(check, **config)`` runs ``await check(server)`` against a fresh server on each
+    store (``backend``), whose data lives in the test's temp dir or namespace;
+    ``live_server``'s keywords pass through."""
 
     def run(check: Check, **kw: Any) -> None:
         async def main() -> None:
-            async with asyncio.timeout(TEST_TIMEOUT), live_server(tmp_path / "data", **kw) as srv:
+            async with (
+                asyncio.timeout(TEST_TIMEOUT),
+                live_server(tmp_path / "data", backend=backend.setting, **kw) as srv,
+            ):
                 await check(srv)
 
         asyncio.run(main())
@@ -247,11 +331,22 @@ class HookedStore:
 
 @contextlib.asynccontextmanager
 async def hooked_server(
-    data_dir: Path, options: LmdbOptions | None = None, **kw: Any
+    data_dir: Path,
+    options: LmdbOptions | None = None,
+    *,
+    backend: Backend | None = None,
+    piece_size: int | None = None,
+    **kw: Any,
 ) -> AsyncIterator[tuple[Server, HookedStore]]:
-    """``live_server`` on a ``HookedStore`` around a real ``LmdbStore``."""
+    """``live_server`` on a ``HookedStore`` around a real store: an ``LmdbStore`` with
+    ``options``, or the ``backend``'s store with pieces of ``piece_size``."""
     max_bytes = kw.get("max_bytes", config_for(data_dir).max_bytes)
-    hooked = HookedStore(await LmdbStore.open(data_dir, max_bytes, options))
+    if backend is None:
+        inner: Store = await LmdbStore.open(data_dir, max_bytes, options)
+    else:
+        assert options is None, "options are LMDB's: give piece_size"
+        inner = await backend.open(data_dir, max_bytes, piece_size)
+    hooked = HookedStore(inner)
     async with live_server(data_dir, store=hooked, **kw) as srv:
         yield srv, hooked
 

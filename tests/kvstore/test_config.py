@@ -9,13 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lynxkv.kvstore.config import (
+    RedisClusterUrl,
     ServerConfig,
     add_arguments,
     format_size,
     load_config,
+    parse_redis_cluster_url,
     parse_size,
     read_token,
 )
+from lynxkv.kvstore.redis_layout import RedisOptions
 
 GiB = 1 << 30
 
@@ -121,7 +124,7 @@ def test_an_empty_variable_is_unset() -> None:
 
 
 def test_help_documents_every_setting() -> None:
-    text = " ".join(_parser().format_help().split())
+    text = re.sub(r"-\s+", "-", " ".join(_parser().format_help().split()))  # argparse wraps
     for flag, env, default in [
         ("--host HOST", "LYNXKV_HOST", "127.0.0.1"),
         ("--port PORT", "LYNXKV_PORT", "7470"),
@@ -250,8 +253,10 @@ BAD_VALUES = [
     ("max_bytes", "1.5B", "not a whole number of bytes"),
     ("max_object_bytes", "10T", "is not a size"),
     ("log_level", "verbose", "log_level must be one of debug, info, warning, error, critical"),
-    ("store", "redis-cluster://h:1", "store must be one of lmdb"),
-    ("store", "LMDB", "store must be one of lmdb"),
+    ("store", "LMDB", "store must be lmdb or redis-cluster://HOST:PORT"),
+    ("store", "redis://h:1", "store must be lmdb or redis-cluster://HOST:PORT"),
+    ("store", "redis-cluster://h", r"'h' needs a port \(HOST:PORT\)"),
+    ("store", "redis-cluster://h:1?replicas=x", "option replicas='x' is not int"),
 ]
 
 
@@ -289,7 +294,7 @@ def test_bad_file_value(tmp_path: Path, name: str, value: str, message: str) -> 
         ("max_bytes = 1.5", "a size must be an integer or a string"),
         ("max_bytes = -1", "a size must be a positive number"),
         ("log_level = 1", "log_level must be one of"),
-        ("store = {}", "store must be one of"),
+        ("store = {}", "store must be lmdb or"),
         ("auth_token_file = 3", "must be a path"),
     ],
 )
@@ -369,9 +374,110 @@ def test_object_limit_within_store_limit() -> None:
         ({"auth_token": ""}, "auth_token must consist of"),
         ({"auth_token": "a b"}, "auth_token must consist of"),
         ({"log_level": "INFO"}, "log_level must be one of"),
-        ({"store": "redis"}, "store must be one of"),
+        ({"store": "redis"}, "store must be lmdb or redis-cluster://"),
+        ({"store": "redis-cluster://"}, "name at least one node"),
     ],
 )
 def test_server_config_validates(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# The Redis Cluster URL.
+
+
+def test_a_redis_cluster_url_from_every_source(tmp_path: Path) -> None:
+    url = "redis-cluster://10.0.0.1:7000,cache-2.example.com:7001?prefix=prod&replicas=2"
+    want = ServerConfig(store=url)
+    assert _load([f"--store={url}"]) == want
+    assert _load(env={"LYNXKV_STORE": url}) == want
+    assert _load(["--config", str(_write(tmp_path / "c.toml", f'store = "{url}"\n'))]) == want
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "options"),
+    [
+        ("redis-cluster://127.0.0.1:7000", (("127.0.0.1", 7000),), RedisOptions()),
+        (
+            "redis-cluster://a:1,b.example:65535,[::1]:7000/",
+            (("a", 1), ("b.example", 65535), ("::1", 7000)),
+            RedisOptions(),
+        ),
+        (
+            "redis-cluster://h:6379?prefix=t-1.x&piece_size=4MiB&replicas=0&wait_ms=50"
+            "&retire_grace_s=0&upload_ttl_s=30.5&stats_cache_s=0&access_flush_s=1&timeout_s=2",
+            (("h", 6379),),
+            RedisOptions(
+                prefix="t-1.x",
+                piece_size=4 << 20,
+                replicas=0,
+                wait_ms=50,
+                retire_grace_s=0,
+                upload_ttl_s=30.5,
+                stats_cache_s=0,
+                access_flush_s=1,
+                timeout_s=2,
+            ),
+        ),
+        ("redis-cluster://h:1?piece_size=65536", (("h", 1),), RedisOptions(piece_size=65536)),
+    ],
+)
+def test_redis_cluster_urls(
+    url: str, nodes: tuple[tuple[str, int], ...], options: RedisOptions
+) -> None:
+    assert parse_redis_cluster_url(url) == RedisClusterUrl(nodes, options)
+    assert ServerConfig(store=url).store == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h:1", "a Redis Cluster URL starts with redis-cluster://"),
+        ("redis-cluster://", "name at least one node as HOST:PORT"),
+        ("redis-cluster://h:1,", "'' needs a port"),
+        ("redis-cluster://h", "'h' needs a port"),
+        ("redis-cluster://h:", "port '' of 'h:' is not in 1..65535"),
+        ("redis-cluster://h:0", "port '0' of 'h:0' is not in 1..65535"),
+        ("redis-cluster://h:65536", "port '65536' of 'h:65536' is not in 1..65535"),
+        ("redis-cluster://h:+1", "port '\\+1' of 'h:\\+1' is not in 1..65535"),
+        ("redis-cluster://h:1x", "port '1x' of 'h:1x' is not in 1..65535"),
+        ("redis-cluster://bad_host:1", "'bad_host' is not a host name or IPv4 address"),
+        ("redis-cluster://-h:1", "'-h' is not a host name"),
+        ("redis-cluster://::1:7000", "'::1' is not a host name"),
+        ("redis-cluster://[::g]:7000", "'\\[::g\\]:7000' is not \\[IPv6\\]:PORT"),
+        ("redis-cluster://[::1]", "'\\[::1\\]' is not \\[IPv6\\]:PORT"),
+        ("redis-cluster://h:1,h:1", "node h:1 is listed twice"),
+        ("redis-cluster://user:pw@h:1", "credentials in the URL are not supported"),
+        ("redis-cluster://h:1/0", "a path means nothing here"),
+        ("redis-cluster://h:1#x", "a fragment"),
+        ("redis-cluster://h:1?replicas", "the query is not NAME=VALUE"),
+        ("redis-cluster://h:1?replica=1", "unknown option 'replica'; known: prefix, piece_size"),
+        ("redis-cluster://h:1?replicas=1&replicas=2", "option 'replicas' is given twice"),
+        ("redis-cluster://h:1?replicas=-1", "replicas must be an integer in \\[0, 16\\]"),
+        ("redis-cluster://h:1?replicas=1.5", "option replicas='1.5' is not int"),
+        ("redis-cluster://h:1?wait_ms=0", "wait_ms must be an integer in \\[1, 3600000\\]"),
+        ("redis-cluster://h:1?piece_size=big", "option piece_size='big' is not a size"),
+        ("redis-cluster://h:1?piece_size=1KB", "piece_size must be an integer in \\[1024,"),
+        ("redis-cluster://h:1?piece_size=1GiB", "piece_size must be an integer in"),
+        ("redis-cluster://h:1?prefix=", "prefix must match"),
+        ("redis-cluster://h:1?prefix=a:b", "prefix must match"),
+        ("redis-cluster://h:1?prefix=%7Bx%7D", "prefix must match"),
+        ("redis-cluster://h:1?retire_grace_s=-1", "retire_grace_s must be a number of seconds"),
+        ("redis-cluster://h:1?stats_cache_s=nan", "stats_cache_s must be a number of seconds"),
+        ("redis-cluster://h:1?upload_ttl_s=inf", "upload_ttl_s must be a number of seconds"),
+        ("redis-cluster://h:1?upload_ttl_s=0.5", "upload_ttl_s must be a number of seconds >= 1"),
+        ("redis-cluster://h:1?timeout_s=1", "timeout_s \\(1.0 s\\) must exceed wait_ms"),
+    ],
+)
+def test_bad_redis_cluster_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_redis_cluster_url(url)
+    if url.startswith("redis-cluster://"):
+        with pytest.raises(ValueError, match=f"^flag --store: in store URL .*{message}"):
+            _load([f"--store={url}"])
+
+
+def test_the_store_help_names_the_redis_options() -> None:
+    text = re.sub(r"-\s+", "-", " ".join(_parser().format_help().split()))  # argparse wraps
+    assert "redis-cluster://HOST:PORT[,...]" in text
+    assert "piece_size" in text and "replicas" in text and "wait_ms" in text

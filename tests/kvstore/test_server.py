@@ -1,5 +1,6 @@
-"""The HTTP API on a real server (port 0, real LMDB): routes, errors, auth, keys, JSON,
-oversized bodies, a table of range cases, list, lookup, metrics and healthz."""
+"""The HTTP API on a real server (port 0), on each store (a real LMDB, a real Redis Cluster):
+routes, errors, auth, keys, JSON, oversized bodies, a table of range cases, list, lookup,
+metrics and healthz."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 
 from lynxkv.codec import decode
 from lynxkv.errors import FormatError
-from lynxkv.kvstore.lmdb_store import LmdbOptions
 from lynxkv.kvstore.requests import MAX_JSON_BYTES
 from tests.codec.objects import rebuild
 from tests.kvstore.conftest import (
     BAD_JSON_BODIES,
+    Backend,
     Serve,
     Server,
     anchor_end,
@@ -418,14 +419,16 @@ def test_parts_of_an_object_without_residual(serve: Serve) -> None:
     serve(check)
 
 
-def test_objects_stored_in_many_pieces(tmp_path: Path) -> None:
+def test_objects_stored_in_many_pieces(tmp_path: Path, backend: Backend) -> None:
     """A store of 4 KiB pieces: whole GETs, ranges across piece boundaries, multipart and
     streams are stitched from many reads."""
     piece = 4096
-    options = LmdbOptions(piece_size=piece, write_batch=4 * piece)
 
     async def main() -> None:
-        async with hooked_server(tmp_path / "data", options) as (srv, _):
+        async with hooked_server(tmp_path / "data", backend=backend, piece_size=piece) as (
+            srv,
+            _,
+        ):
             await srv.put("k", OBJ)
             assert await srv.get("k") == OBJ
             spans = [(piece - 1, 3 * piece + 1), (N - piece - 7, N)]
@@ -444,12 +447,12 @@ def test_objects_stored_in_many_pieces(tmp_path: Path) -> None:
     run(main())
 
 
-def test_get_retries_when_the_object_is_replaced_under_it(tmp_path: Path) -> None:
+def test_get_retries_when_the_object_is_replaced_under_it(tmp_path: Path, backend: Backend) -> None:
     """The object is replaced between the GET's index lookup and its first read: the GET
     starts over and sends the new version whole, never a mix."""
 
     async def main() -> None:
-        async with hooked_server(tmp_path / "data") as (srv, store):
+        async with hooked_server(tmp_path / "data", backend=backend) as (srv, store):
             await srv.put("k", OBJ)
             store.gates["k"] = gate = asyncio.Event()
             get = asyncio.create_task(srv.get("k"))
@@ -583,7 +586,7 @@ def test_healthz(serve: Serve) -> None:
     serve(check)
 
 
-def test_metrics_count_what_happened(serve: Serve) -> None:
+def test_metrics_count_what_happened(serve: Serve, backend: Backend) -> None:
     async def check(srv: Server) -> None:
         await srv.put("a", OBJ)
         await srv.put("a", OBJ)
@@ -618,8 +621,9 @@ def test_metrics_count_what_happened(serve: Serve) -> None:
         assert m["lynxkv_rejected_uploads_total", (("reason", "malformed"),)] == 1
         assert m["lynxkv_objects", ()] == 2
         assert m["lynxkv_stored_bytes", ()] == N + len(OTHER)
-        assert m["lynxkv_max_bytes", ()] == srv.config.max_bytes
+        assert m["lynxkv_max_bytes", ()] == backend.max_bytes(srv.config)
         assert m["lynxkv_evictions", ()] == 0
+        assert m["lynxkv_store_missing_pieces_total", ()] == 0
         assert m["lynxkv_active_streams", ()] == 0
 
     serve(check)

@@ -30,6 +30,7 @@ from lynxkv.kvstore.streaming import FRAME_BYTES
 from tests.kvstore.conftest import (
     BAD_JSON_BODIES,
     TEST_TIMEOUT,
+    Backend,
     Serve,
     Server,
     anchor_end,
@@ -223,12 +224,14 @@ def test_stream_bad_body(serve: Serve, body: bytes, code: str) -> None:
 
 
 @pytest.mark.parametrize("change", ["delete", "replace"])
-def test_key_that_changes_mid_stream_gets_an_error_frame(tmp_path: Path, change: str) -> None:
+def test_key_that_changes_mid_stream_gets_an_error_frame(
+    tmp_path: Path, backend: Backend, change: str
+) -> None:
     """k1 is deleted or replaced after its INFO went out, before its bytes: its ERROR frame
     says so and the stream goes on with the other keys."""
 
     async def main() -> None:
-        async with hooked_server(tmp_path / "data") as (srv, store):
+        async with hooked_server(tmp_path / "data", backend=backend) as (srv, store):
             await put_all(srv)
             store.gates["k1"] = gate = asyncio.Event()
             task = asyncio.create_task(stream(srv.session, ["k0", "k1", "k2"]))
@@ -259,7 +262,9 @@ def patient(app: web.Application) -> None:
     app[SCHEDULER] = AnchorFirst(max_wait=TEST_TIMEOUT)
 
 
-def test_no_residual_leaves_while_another_stream_has_anchor_pending(tmp_path: Path) -> None:
+def test_no_residual_leaves_while_another_stream_has_anchor_pending(
+    tmp_path: Path, backend: Backend
+) -> None:
     """Stream B declares its anchor and is held before its first byte; stream A then sends
     its anchor, and B is let go the moment A has a residual piece in hand. Each piece sent
     is logged with the anchor bytes then pending server-wide: every residual must log 0."""
@@ -267,7 +272,10 @@ def test_no_residual_leaves_while_another_stream_has_anchor_pending(tmp_path: Pa
     ends = {key: anchor_end(obj) for key, obj in objects.items()}
 
     async def main() -> None:
-        async with hooked_server(tmp_path / "data", setup=patient) as (srv, store):
+        async with hooked_server(tmp_path / "data", backend=backend, setup=patient) as (
+            srv,
+            store,
+        ):
             await put_all(srv, objects)
             scheduler = srv.app[SCHEDULER]
             sent: list[tuple[str, str, int]] = []
@@ -298,11 +306,14 @@ def test_no_residual_leaves_while_another_stream_has_anchor_pending(tmp_path: Pa
     run(main())
 
 
-def test_client_gone_mid_anchor_leaves_nothing_pending(tmp_path: Path) -> None:
+def test_client_gone_mid_anchor_leaves_nothing_pending(tmp_path: Path, backend: Backend) -> None:
     obj = make_object(22)
 
     async def main() -> None:
-        async with hooked_server(tmp_path / "data", setup=patient) as (srv, store):
+        async with hooked_server(tmp_path / "data", backend=backend, setup=patient) as (
+            srv,
+            store,
+        ):
             await srv.put("a", obj)
             await srv.put("b", obj)
             scheduler = srv.app[SCHEDULER]
