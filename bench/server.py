@@ -61,6 +61,9 @@ from lynxkv.kvstore.frames import DataFrame, FrameParser
 
 CONCURRENCY = (1, 4, 16)
 SYSTEMS = ("lynxkv GET", "lynxkv stream", "nginx GET")
+#: GET through one lynxkv server on the Redis Cluster, and through two (connections split)
+CLUSTER_SYSTEMS = ("cluster GET x1", "cluster GET x2")
+LMDB_GET = "lynxkv GET"
 HEADS, HEAD_DIM, LAYERS = 8, 128, 30  # ~1.08 byte per element with lynx-a4
 START_TIMEOUT_S = 30.0
 
@@ -73,6 +76,11 @@ class Settings:
     window_s: float
     stream_keys: int
     discard: bool  # the load generator drops body bytes in the kernel (MSG_TRUNC)
+    cluster: bool = False  # also lynxkv on a local Redis Cluster, through 1 and 2 servers
+
+    @property
+    def systems(self) -> tuple[str, ...]:
+        return SYSTEMS + (CLUSTER_SYSTEMS if self.cluster else ())
 
     def __post_init__(self) -> None:
         if self.objects < 1 or self.tokens < 1 or self.rounds < 1 or self.window_s <= 0:
@@ -144,12 +152,18 @@ def _log_tail(path: Path) -> str:
 
 
 def start_lynxkv(
-    stack: contextlib.ExitStack, tmp: Path, settings: Settings, size: int
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    settings: Settings,
+    size: int,
+    store: str = "lmdb",
+    name: str = "lynxkv",
 ) -> tuple[int, int]:
-    """Start ``lynxkv serve`` on a free port; the port and the pid."""
-    out, err = tmp / "lynxkv.out", tmp / "lynxkv.err"
+    """Start ``lynxkv serve`` on a free port (on ``store``); the port and the pid."""
+    out, err = tmp / f"{name}.out", tmp / f"{name}.err"
     args = [sys.executable, "-m", "lynxkv.cli", "serve", "--host", HOST, "--port", "0"]
-    args += ["--data-dir", str(tmp / "lynx-data"), "--log-level", "warning"]
+    args += ["--data-dir", str(tmp / f"{name}-data"), "--log-level", "warning"]
+    args += ["--store", store]
     args += ["--max-bytes", str(2 * settings.objects * size + (256 << 20))]
     args += ["--max-object-bytes", str(2 * size)]
     proc = _spawn(args, out, err)
@@ -307,9 +321,9 @@ class Results:
     def median(self, name: str, conns: int) -> float:
         return statistics.median(self.gbps(name, conns))
 
-    def ratio(self, name: str, conns: int) -> float:
-        """Median over rounds of this system / nginx in the same round."""
-        pairs = zip(self.gbps(name, conns), self.gbps("nginx GET", conns), strict=True)
+    def ratio(self, name: str, conns: int, base: str = "nginx GET") -> float:
+        """Median over rounds of this system / ``base`` in the same round."""
+        pairs = zip(self.gbps(name, conns), self.gbps(base, conns), strict=True)
         return statistics.median(a / b for a, b in pairs)
 
     def cpu(self, name: str, conns: int) -> float:
@@ -321,27 +335,25 @@ class Results:
 
 def run_rounds(targets: dict[str, Target], settings: Settings) -> Results:
     results = Results()
+    systems = settings.systems
     for target in targets.values():  # warm up: connections, caches, the allocator
         measure(target, 1, min(0.3, settings.window_s), settings.discard)
     for r in range(settings.rounds):
         for conns in CONCURRENCY:
-            order = list(SYSTEMS[r % len(SYSTEMS) :] + SYSTEMS[: r % len(SYSTEMS)])
+            order = list(systems[r % len(systems) :] + systems[: r % len(systems)])
             for name in order:
                 sample = measure(targets[name], conns, settings.window_s, settings.discard)
                 results.add(name, conns, sample)
-        done = ", ".join(
-            f"{n.split()[-1] if n.startswith('lynxkv') else 'nginx'} {results.gbps(n, 1)[-1]:.2f}"
-            for n in SYSTEMS
-        )
+        done = ", ".join(f"{n} {results.gbps(n, 1)[-1]:.2f}" for n in systems)
         print(f"round {r + 1}/{settings.rounds}: 1-conn GB/s {done}", flush=True)
     return results
 
 
-def table(results: Results) -> str:
+def table(results: Results, systems: Sequence[str]) -> str:
     head = f"{'system':<15}{'conns':>6}{'GB/s':>8}{'min':>8}{'max':>8}{'vs nginx':>10}"
     head += f"{'CPU s/GB: server':>18}{'client':>8}"
     lines = [head, "-" * len(head)]
-    for name in SYSTEMS:
+    for name in systems:
         for conns in CONCURRENCY:
             g = results.gbps(name, conns)
             ratio = "" if name == "nginx GET" else f"{results.ratio(name, conns):.2f}x"
@@ -367,12 +379,27 @@ def summary(results: Results, settings: Settings, sizes: Sequence[int], nginx: s
             for name in ("lynxkv GET", "lynxkv stream")
         },
         "server_cpu_s_per_gb": {
-            name: {str(c): round(results.cpu(name, c), 4) for c in CONCURRENCY} for name in SYSTEMS
+            name: {str(c): round(results.cpu(name, c), 4) for c in CONCURRENCY}
+            for name in settings.systems
         },
         "client_cpu_s_per_gb": {
             name: {str(c): round(results.client_cpu(name, c), 4) for c in CONCURRENCY}
-            for name in SYSTEMS
+            for name in settings.systems
         },
+        **(
+            {
+                "cluster_gbps": {name: per_conn(name) for name in CLUSTER_SYSTEMS},
+                "cluster_paired_ratio_vs_lmdb": {
+                    name: {
+                        str(c): round(results.ratio(name, c, "lynxkv GET"), 3) for c in CONCURRENCY
+                    }
+                    for name in CLUSTER_SYSTEMS
+                },
+                "cluster": "3 masters + 3 replicas, redis-server on loopback",
+            }
+            if settings.cluster
+            else {}
+        ),
         "load_generator": "raw socket, discard (MSG_TRUNC)" if settings.discard else "raw socket",
         "object_bytes": round(statistics.mean(sizes)),
         "objects": settings.objects,
@@ -409,6 +436,33 @@ def build_targets(
     }
 
 
+def start_cluster_targets(
+    stack: contextlib.ExitStack, tmp: Path, settings: Settings, objects: Sequence[bytes]
+) -> dict[str, Target]:
+    """A local Redis Cluster (3 masters, 3 replicas) and two lynxkv servers on it; the
+    objects are PUT through the first and checked through both."""
+    from tests.redis_cluster import LocalCluster, missing_tools
+
+    if (reason := missing_tools()) is not None:
+        raise RuntimeError(f"--cluster: {reason}")
+    mib = 4 * settings.objects * max(len(o) for o in objects) // 2**20 + 256
+    cluster = stack.enter_context(LocalCluster(tmp / "redis", maxmemory=f"{mib}mb"))
+    size = max(len(o) for o in objects)
+    a = start_lynxkv(stack, tmp, settings, size, store=cluster.url, name="cluster-a")
+    b = start_lynxkv(stack, tmp, settings, size, store=cluster.url, name="cluster-b")
+    upload(a[0], objects)
+    paths = [f"/v1/kv/{key_of(i)}" for i in range(settings.objects)]
+    check_get("cluster GET a", a[0], paths, objects)
+    check_get("cluster GET b", b[0], paths, objects)
+    print(f"verified: two lynxkv servers on the cluster {cluster.url} return the objects' bytes")
+    redis = tuple(p for p in cluster.pids())
+    gets = tuple(Request("GET", path) for path in paths)
+    return {
+        "cluster GET x1": Target("cluster GET x1", (a[0],), gets, (a[1], *redis)),
+        "cluster GET x2": Target("cluster GET x2", (a[0], b[0]), gets, (a[1], b[1], *redis)),
+    }
+
+
 def run(settings: Settings) -> None:
     started = time.monotonic()
     print(f"$ python {' '.join(sys.argv)}  # {settings}", flush=True)
@@ -433,15 +487,19 @@ def run(settings: Settings) -> None:
         check_stream(lynx_port, objects)
         print("verified: lynxkv GET, lynxkv stream and nginx GET return the objects' bytes")
         targets = build_targets(lynx_port, lynx_pid, nginx_port, nginx_pid, settings)
+        if settings.cluster:
+            targets |= start_cluster_targets(stack, tmp, settings, objects)
         results = run_rounds(targets, settings)
-        errors = _log_tail(tmp / "lynxkv.err").strip()
+        errors = "\n".join(
+            _log_tail(tmp / f"{name}.err").strip() for name in ("lynxkv", "cluster-a", "cluster-b")
+        ).strip()
     print()
     print(
         f"GB/s = 1e9 body bytes per second over loopback; medians of {settings.rounds} rounds"
         f" of {settings.window_s:g} s windows; objects of {statistics.mean(sizes) / 2**20:.1f}"
         f" MiB; stream: {settings.stream_keys} object(s) per request; nginx: 1 worker, sendfile"
     )
-    print(table(results))
+    print(table(results, settings.systems))
     if errors:
         print(f"\nthe lynxkv server logged:\n{errors}")
     print(f"\nwall time {time.monotonic() - started:.0f} s")
@@ -461,6 +519,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--window", type=float, help="seconds per measurement (1.5; quick 0.5)")
     parser.add_argument("--stream-keys", type=int, default=1, help="objects per stream (1)")
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also serve the objects from a local Redis Cluster (3 masters, 3 replicas, from"
+        " Debian's redis-server) through one and two lynxkv servers",
+    )
+    parser.add_argument(
         "--discard",
         action="store_true",
         help="drop body bytes in the kernel (MSG_TRUNC) instead of copying them: the"
@@ -474,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         window_s=args.window or (0.5 if args.quick else 1.5),
         stream_keys=args.stream_keys,
         discard=args.discard,
+        cluster=args.cluster,
     )
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)

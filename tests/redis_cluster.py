@@ -247,6 +247,10 @@ class LocalCluster:
         info: dict[str, Any] = self.command(port, "INFO", section)
         return info
 
+    def pids(self) -> list[int]:
+        """The process ids of the nodes that run."""
+        return [n.proc.pid for n in self.nodes if n.proc is not None and n.alive()]
+
     def alive_ports(self) -> list[int]:
         return [n.port for n in self.nodes if n.alive()]
 
