@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,6 @@ __all__ = [
     "etag_of",
     "lock_dir",
     "map_size_for",
-    "piece_spans",
     "run_in",
     "split_pieces",
 ]
@@ -68,15 +67,6 @@ def map_size_for(max_bytes: int, piece_size: int) -> int:
     """
     pages = -(-max_bytes // piece_size) * -(-(piece_size + _OVERFLOW_HEADER) // _PAGE)
     return -(-(pages * _PAGE * 3 // 2 + 64 * MIB) // MIB) * MIB
-
-
-def piece_spans(start: int, end: int, piece_size: int) -> Iterator[tuple[int, int, int]]:
-    """``(piece number, start, end)`` within each piece that bytes ``[start, end)`` touch."""
-    if start >= end:
-        return
-    for n in range(start // piece_size, -(-end // piece_size)):
-        base = n * piece_size
-        yield n, max(start - base, 0), min(end - base, piece_size)
 
 
 def etag_of(vid: bytes) -> str:

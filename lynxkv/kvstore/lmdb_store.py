@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from lynxkv.errors import NotFound, PreconditionFailed, StorageFull, StoreError
 from lynxkv.kvstore import lmdb_layout as layout
 from lynxkv.kvstore.lmdb_layout import IndexEntry, LmdbEnv, MapFull, Piece
-from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats
+from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats, piece_spans
 
 __all__ = ["LmdbOptions", "LmdbStore", "plan_eviction"]
 
@@ -215,7 +215,7 @@ class LmdbStore:
         self._touch(key, entry)
         self._pins[entry.vid] = self._pins.get(entry.vid, 0) + 1
         try:
-            for n, lo, hi in layout.piece_spans(start, end, entry.piece_size):
+            for n, lo, hi in piece_spans(start, end, entry.piece_size):
                 yield await self._call(self._reader, self._db.read, entry.vid, n, lo, hi)
         finally:
             self._unpin(entry.vid)

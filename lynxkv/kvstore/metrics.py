@@ -38,7 +38,7 @@ class _StoreCollector(Collector):
         yield CounterMetricFamily(
             "lynxkv_store_missing_pieces",
             "Objects found with a piece missing (evicted or lost) and removed: reads of them 404",
-            value=getattr(s, "missing_pieces", 0),
+            value=s.missing_pieces,
         )
 
 

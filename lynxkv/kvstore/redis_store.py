@@ -46,10 +46,9 @@ from typing import Any, TypeVar
 
 from lynxkv.errors import NotFound, PreconditionFailed, StorageFull, StoreError
 from lynxkv.kvstore import redis_layout as layout
-from lynxkv.kvstore.lmdb_layout import piece_spans
 from lynxkv.kvstore.redis_client import ClusterClient
 from lynxkv.kvstore.redis_layout import Manifest, RedisOptions
-from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats
+from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats, piece_spans
 
 __all__ = ["RedisClusterStore", "RedisStoreStats"]
 
@@ -61,9 +60,6 @@ _RACE_TRIES = 8
 
 @dataclass(frozen=True)
 class RedisStoreStats(StoreStats):
-    #: Objects found with a piece missing or damaged since the store opened (by a read, or
-    #: by ``stats``, which looks for versions evicted whole), and removed.
-    missing_pieces: int = 0
     #: Pieces fetched from Redis since the store opened.
     pieces_read: int = 0
 

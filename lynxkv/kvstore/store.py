@@ -8,11 +8,11 @@ immutable once committed; a PUT of an existing key replaces it atomically.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ObjectInfo", "PutHandle", "Store", "StoreStats"]
+__all__ = ["ObjectInfo", "PutHandle", "Store", "StoreStats", "piece_spans"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class StoreStats:
     max_bytes: int
     #: Objects evicted to make room since the store was opened.
     evictions: int
+    #: Objects found with a piece missing or damaged since the store was opened (by a read,
+    #: or by ``stats``), answered as misses and removed. LMDB never loses a piece: 0.
+    missing_pieces: int = 0
 
 
 class PutHandle(Protocol):
@@ -96,3 +99,13 @@ class Store(Protocol):
     async def close(self) -> None:
         """Flush what is pending and release the backend. Idempotent. Uploads not yet
         committed are aborted; reads still running fail with ``StoreError``."""
+
+
+def piece_spans(start: int, end: int, piece_size: int) -> Iterator[tuple[int, int, int]]:
+    """``(piece number, start, end)`` within each piece that bytes ``[start, end)`` touch:
+    how a backend that stores objects in pieces of ``piece_size`` serves a range."""
+    if start >= end:
+        return
+    for n in range(start // piece_size, -(-end // piece_size)):
+        base = n * piece_size
+        yield n, max(start - base, 0), min(end - base, piece_size)

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import lynxkv
 from lynxkv.errors import NotFound, PreconditionFailed, StorageFull, StoreError
-from lynxkv.kvstore.lmdb_layout import map_size_for, piece_spans
+from lynxkv.kvstore.lmdb_layout import map_size_for
 from lynxkv.kvstore.lmdb_store import LmdbOptions, LmdbStore, plan_eviction
-from lynxkv.kvstore.store import ObjectInfo, Store, StoreStats
+from lynxkv.kvstore.store import ObjectInfo, Store, StoreStats, piece_spans
 
 P = 4096  # a small piece, so that objects of a few KiB span several pieces
 MAX = 40 * P
