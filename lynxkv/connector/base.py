@@ -71,13 +71,23 @@ if TYPE_CHECKING:
     from lynxkv.codec.container import Header
     from lynxkv.codec.decoder import Section
 
-__all__ = ["ConnectorStats", "KVConnector", "KeySections", "LoadHandle", "StoreFailure"]
+__all__ = [
+    "ConnectorStats",
+    "KVConnector",
+    "KeySections",
+    "LoadHandle",
+    "SaveLayers",
+    "StoreFailure",
+]
 
 log = logging.getLogger("lynxkv.connector")
 
 T = TypeVar("T")
 #: per layer (K, V), each [T, H, D]
 Layers = list[tuple[NDArray[Any], NDArray[Any]]]
+#: per layer (K, V), each [T, H, D]: numpy arrays, or torch tensors (on the engine's
+#: device) that ``lynxkv.gpu.encode_chunks`` encodes
+SaveLayers = Sequence[tuple[Any, Any]]
 #: one chunk's header and verified sections of one stream (a load with ``decode=False``)
 KeySections = tuple["Header", list["Section"]]
 
@@ -137,6 +147,17 @@ class _LoopThread:
 
     def close(self) -> None:
         self._runner.stop(self._close_client)
+
+
+def _encode(rows: SaveLayers, spec: CodecSpec, tokens: int, model: str) -> list[bytes]:
+    """Objects of ``tokens`` tokens from per-layer (K, V) rows: numpy arrays by the numpy
+    codec, torch tensors (the engine's own, possibly on its GPU) by ``lynxkv.gpu``."""
+    if rows and not isinstance(rows[0][0], np.ndarray):
+        from lynxkv.gpu import encode_chunks as encode_tensors
+
+        ks, vs = [k for k, _ in rows], [v for _, v in rows]
+        return encode_tensors(ks, vs, spec, tokens_per_object=tokens, model=model)
+    return encode_chunks(list(rows), spec, tokens_per_object=tokens, model=model)
 
 
 def _concat(per_key: list[Layers]) -> Layers:
@@ -348,9 +369,11 @@ class KVConnector:
         client = await self._io.client()
         return (await client.lookup(keys)).prefix
 
-    def save(self, token_ids: Sequence[int], kv: Layers, codec: CodecSpec | str) -> None:
+    def save(self, token_ids: Sequence[int], kv: SaveLayers, codec: CodecSpec | str) -> None:
         """Store every full chunk of ``kv`` (per layer (K, V) [T, H, D], T tokens of
-        ``token_ids[:T]``) in the background. Never raises a store failure."""
+        ``token_ids[:T]``) in the background. Never raises a store failure. numpy arrays
+        are encoded by the numpy codec; torch tensors by ``lynxkv.gpu.encode_chunks``
+        (the GPU kernels for CUDA tensors with CuPy; the same bytes)."""
         spec = get_codec(codec) if isinstance(codec, str) else codec
         ids = list(token_ids)
         job = self._saver.submit(self._save, ids, kv, spec)
@@ -412,7 +435,7 @@ class KVConnector:
         log.warning("lynxkv %s failed (%s: %s); the engine recomputes", op, type(exc).__name__, exc)
         self.on_failure(op, exc)
 
-    def _save(self, ids: list[int], kv: Layers, spec: CodecSpec) -> None:
+    def _save(self, ids: list[int], kv: SaveLayers, spec: CodecSpec) -> None:
         """The save worker's job: look up, encode the missing chunks, PUT them in order."""
         c = self.chunk_tokens
         tokens = min(len(ids), int(kv[0][0].shape[0])) if kv else 0
@@ -426,7 +449,7 @@ class KVConnector:
             rows = [(k[present * c : len(keys) * c], v[present * c : len(keys) * c]) for k, v in kv]
             if present == len(keys):
                 return
-            objects = encode_chunks(rows, spec, tokens_per_object=c, model=self.fingerprint)
+            objects = _encode(rows, spec, c, self.fingerprint)
             for key, data in zip(keys[present:], objects, strict=True):
                 self._io.run(self._put(key, data))
                 self.stats.add("chunks_saved")

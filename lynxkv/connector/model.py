@@ -39,6 +39,7 @@ __all__ = [
     "config_fingerprint",
     "gguf_path",
     "load_model",
+    "prefill_cache",
     "prefill_kv",
     "require",
     "to_numpy",
@@ -231,14 +232,11 @@ def cache_layers(cache: Any) -> list[LayerKV]:
     return out
 
 
-def prefill_kv(
+def prefill_cache(
     model: Any, input_ids: Sequence[int] | torch.Tensor, **forward_kwargs: Any
-) -> list[LayerKV]:
-    """Run one forward pass over ``input_ids`` and return the KV cache it builds.
-
-    Per layer (K, V), each [T, H, D] in the model's dtype (bf16 as ml_dtypes.bfloat16);
-    K is post-RoPE, as the model stores it. ``forward_kwargs`` go to the model's forward.
-    """
+) -> Any:
+    """Run one forward pass over ``input_ids``; the ``DynamicCache`` it builds (on the
+    model's device). ``forward_kwargs`` go to the model's forward."""
     th = require("torch", "torch")
     transformers = require("transformers", "transformers")
     ids = as_batch(input_ids, model.device)
@@ -247,4 +245,15 @@ def prefill_kv(
         model(
             input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **forward_kwargs
         )
-    return cache_layers(cache)
+    return cache
+
+
+def prefill_kv(
+    model: Any, input_ids: Sequence[int] | torch.Tensor, **forward_kwargs: Any
+) -> list[LayerKV]:
+    """Run one forward pass over ``input_ids`` and return the KV cache it builds.
+
+    Per layer (K, V), each [T, H, D] in the model's dtype (bf16 as ml_dtypes.bfloat16);
+    K is post-RoPE, as the model stores it. ``forward_kwargs`` go to the model's forward.
+    """
+    return cache_layers(prefill_cache(model, input_ids, **forward_kwargs))

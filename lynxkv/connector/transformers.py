@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from lynxkv.connector.base import KVConnector, Layers, LoadHandle
-from lynxkv.connector.model import LoadedModel, prefill_kv, require
+from lynxkv.connector.base import KVConnector, Layers, LoadHandle, SaveLayers
+from lynxkv.connector.model import LoadedModel, prefill_cache, prefill_kv, require
 from lynxkv.connector.speculative import DraftPolicy, Recorder, Timeline, accept_drafts
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["MODES", "DecodeOn", "Generation", "Mode", "ModeSpec", "TransformersEngine"]
 
 Mode = Literal["bf16", "int8", "int4", "int8-lynx", "lynx", "none"]
-#: Where a loaded prefix is decoded (:class:`TransformersEngine`).
+#: Where a loaded prefix is decoded, and a saved one encoded (:class:`TransformersEngine`).
 DecodeOn = Literal["auto", "client", "engine"]
 
 
@@ -201,10 +201,15 @@ def _forward(model: Any, cache: Any, ids: Sequence[int], keep: int) -> list[int]
     return [int(t) for t in out.logits[0].float().argmax(dim=-1).tolist()]
 
 
-def _on_cuda_with_cupy(model: Any) -> bool:
+def _where(name: str, value: str, model: Any) -> DecodeOn:
+    """``decode_on`` / ``encode_on`` checked, with ``"auto"`` resolved for ``model``."""
+    if value not in ("auto", "client", "engine"):
+        raise ValueError(f"{name} must be 'auto', 'client' or 'engine', got {value!r}")
+    if value != "auto":
+        return "engine" if value == "engine" else "client"
     from lynxkv.gpu import gpu_available
 
-    return bool(model.device.type == "cuda") and gpu_available()
+    return "engine" if model.device.type == "cuda" and gpu_available() else "client"
 
 
 def _eos_ids(model: Any) -> frozenset[int]:
@@ -224,7 +229,10 @@ class TransformersEngine:
     the client's worker threads), then copies the arrays into the cache; ``"engine"``
     only verifies sections on the host and decodes them with ``lynxkv.gpu`` straight
     into the cache's tensors (the CuPy kernels on a CUDA model); ``"auto"`` picks
-    ``"engine"`` for a model on a CUDA device with CuPy, else ``"client"``.
+    ``"engine"`` for a model on a CUDA device with CuPy, else ``"client"``. ``encode_on``
+    likewise for saves: ``"client"`` copies the prefilled cache to numpy and encodes it
+    with the numpy codec; ``"engine"`` hands the cache's own tensors to
+    ``lynxkv.gpu.encode_chunks`` (the GPU encoder on a CUDA model; the same bytes).
     The client options (``timeout``, ``retries``, ...) are the connector's.
     """
 
@@ -237,17 +245,15 @@ class TransformersEngine:
         max_draft: int = 64,
         draft_policy: DraftPolicy = "overlap",
         decode_on: DecodeOn = "auto",
+        encode_on: DecodeOn = "auto",
         **client_options: Any,
     ) -> None:
         if max_draft < 0:
             raise ValueError(f"max_draft must be non-negative, got {max_draft}")
         if draft_policy not in ("overlap", "fixed"):
             raise ValueError(f"draft_policy must be 'overlap' or 'fixed', got {draft_policy!r}")
-        if decode_on not in ("auto", "client", "engine"):
-            raise ValueError(f"decode_on must be 'auto', 'client' or 'engine', got {decode_on!r}")
-        if decode_on == "auto":
-            decode_on = "engine" if _on_cuda_with_cupy(loaded.model) else "client"
-        self.decode_on: DecodeOn = decode_on
+        self.decode_on = _where("decode_on", decode_on, loaded.model)
+        self.encode_on = _where("encode_on", encode_on, loaded.model)
         self.loaded = loaded
         self.max_draft = max_draft
         self.draft_policy: DraftPolicy = draft_policy
@@ -270,8 +276,8 @@ class TransformersEngine:
     def save_context(
         self, prompt_ids: Sequence[int], codecs: Sequence[str] = ("lynx-a4",), *, wait: bool = True
     ) -> int:
-        """Prefill the full chunks of ``prompt_ids`` and store them with each codec (the
-        numpy codec). Returns the number of tokens handed to the store; store failures are
+        """Prefill the full chunks of ``prompt_ids`` and store them with each codec
+        (encoded on the host or by ``lynxkv.gpu``: ``encode_on``). Returns the number of tokens handed to the store; store failures are
         counted in ``connector.stats``, never raised. ``wait=False`` returns as soon as the
         prefill is done."""
         ids = list(prompt_ids)
@@ -279,7 +285,12 @@ class TransformersEngine:
         n = len(ids) // c * c
         if n == 0:
             return 0
-        kv = prefill_kv(self.loaded.model, ids[:n])  # per layer (K, V) [n, H, D]
+        kv: SaveLayers
+        if self.encode_on == "engine":  # the cache's tensors, [1, H, n, D] -> [n, H, D] views
+            cache = prefill_cache(self.loaded.model, ids[:n])
+            kv = [(x.keys[0].transpose(0, 1), x.values[0].transpose(0, 1)) for x in cache.layers]
+        else:
+            kv = prefill_kv(self.loaded.model, ids[:n])  # per layer (K, V) [n, H, D]
         for codec in codecs:
             self.connector.save(ids[:n], kv, codec)
         if wait:

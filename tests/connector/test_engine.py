@@ -143,6 +143,51 @@ def check_engine_equals_client(smollm: LoadedModel, server_url: str, kernels: bo
             TransformersEngine(smollm, server_url, decode_on="gpu")  # type: ignore[arg-type]
 
 
+@pytest.mark.model
+def test_the_engine_encoding_its_tensors_stores_the_clients_bytes(
+    smollm: LoadedModel, tmp_path: Path
+) -> None:
+    """``encode_on="engine"`` hands the cache's tensors to lynxkv.gpu.encode_chunks (its
+    numpy path here): the objects stored are the client path's, byte for byte."""
+    check_engine_encode(smollm, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.model
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_the_gpu_encoder_stores_what_the_numpy_encoder_stores(tmp_path: Path) -> None:
+    """The same on a CUDA model, within the GPU encoder's contract (lynxkv.gpu.compare)."""
+    check_engine_encode(load_model(dtype="bfloat16", device="cuda"), tmp_path, kernels=True)
+
+
+def check_engine_encode(loaded: LoadedModel, tmp_path: Path, kernels: bool = False) -> None:
+    from lynxkv.gpu.compare import compare_objects
+
+    ids = chat_ids(loaded, seed=14, tokens=540)
+    codecs = ("raw", "uniform-a4", "lynx-a4")
+    stored = []
+    for side in ("client", "engine"):
+        with (
+            running_server(tmp_path / side) as url,
+            TransformersEngine(loaded, url, encode_on=side) as engine,
+        ):
+            assert engine.encode_on == side
+            saved = engine.save_context(ids, codecs=codecs)
+            assert saved >= 512 and engine.connector.stats.snapshot()["save_failures"] == 0
+            keys = [key for codec in codecs for key in engine.connector.keys(ids[:saved], codec)]
+            stored.append(engine.connector.fetch_objects(keys).result(60))
+            if kernels:
+                with TransformersEngine(loaded, url) as auto:
+                    assert auto.encode_on == "engine"
+    client, engine_side = stored
+    assert len(client) == len(engine_side) == 3 * (saved // 256)
+    for a, b in zip(client, engine_side, strict=True):
+        if a != b:  # the numpy path must give the same bytes; the kernels, within the bound
+            assert kernels
+            diff = compare_objects(b, a)
+            assert diff.within(), diff.describe()
+
+
 def test_a_sections_load_refuses_the_array_methods_and_back(tmp_path: Path) -> None:
     with running_server(tmp_path / "data") as url, KVConnector(url, fingerprint="m") as conn:
         ids = list(range(300))
