@@ -277,9 +277,9 @@ class TransformersEngine:
         self, prompt_ids: Sequence[int], codecs: Sequence[str] = ("lynx-a4",), *, wait: bool = True
     ) -> int:
         """Prefill the full chunks of ``prompt_ids`` and store them with each codec
-        (encoded on the host or by ``lynxkv.gpu``: ``encode_on``). Returns the number of tokens handed to the store; store failures are
-        counted in ``connector.stats``, never raised. ``wait=False`` returns as soon as the
-        prefill is done."""
+        (encoded on the host or by ``lynxkv.gpu``: ``encode_on``). Returns the number of
+        tokens handed to the store; store failures are counted in ``connector.stats``,
+        never raised. ``wait=False`` returns as soon as the prefill is done."""
         ids = list(prompt_ids)
         c = self.connector.chunk_tokens
         n = len(ids) // c * c
