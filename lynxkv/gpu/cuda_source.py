@@ -7,10 +7,18 @@ both layouts and three output types. Design for memory bandwidth (docs: bench/gp
   256 tokens is only ~100 KB of output, far too small to fill the GPU alone, so a job
   table gives each section's payload pointers and destination base;
 * a thread owns 8 consecutive channels (one packed group: ``BITS`` bytes, a 32-bit load
-  for 4-bit fields) of ``TPT`` consecutive tokens; it issues all its code loads before
-  using any, keeps the per-channel metadata in registers while the page or chunk does
-  not change, and stores its 8 outputs as one 16-byte vector (two for float32);
+  for 4-bit fields) of ``TPT`` consecutive tokens; it issues all its loads (codes, row
+  offsets, metadata) before it fills the shared tables and meets the barrier, so one
+  round trip covers both; per-thread pointers, the alignment test and the run-time
+  divisions are done once, not per token;
+* the common case (all ``TPT`` tokens under one page's and one chunk's metadata) runs a
+  branch-free token loop: about 9 instructions per value (anchor) and 10 (full), from
+  about 20 / 24 when every token re-derived its addresses and re-tested its page;
+* the full code's 8-bit indices come from word operations on the two nibble words
+  (4 + 4 bits), not from two shifts and masks per value;
 * lookup tables (signed level per field index, u8 mu and sigma) live in shared memory;
+* outputs go out as explicit 16-byte global stores (``st.global``: the destination comes
+  from the job table, so the compiler would emit generic stores);
 * the destination row of each token comes from ``row_off`` (``-1``: skip), so one
   kernel writes the ``hnd`` layout (a token offset) and vLLM's ``paged`` layout
   (``slot_mapping``) alike.
@@ -21,12 +29,14 @@ computed by the same float32 operations, in the same order, as the numpy referen
 (``lynxkv.gpu.tables`` states them), hence bit-identical before the final rounding to
 bf16 / fp16 (round-to-nearest-even, as torch's ``.to``).
 
-Tuning (H200, bench/gpu.py ``--variants``, lynx-a4 bf16, 2026-11-30): the kernel holds
-~110 registers at its natural allocation, so only 2 blocks of 256 fit an SM; capping
-it at 3 blocks (85 registers, no spills) measured best: decode 0.53 and refine 0.40 of
-copy bandwidth, against 0.45 / 0.32 uncapped; 4 blocks (64 registers) spills; 16 tokens
-per thread was worse (0.24), 4 about equal. The targets (0.75) are not reached yet:
-see bench/results/gpu.txt.
+Tuning (H200, lynx-a4 bf16, 2026-11-30, each variant checked bit for bit before timing,
+side by side with the previous kernel on the same data): the previous kernel ran at
+decode 0.50-0.56 / refine 0.38-0.39 of copy bandwidth, this one at 0.67 / 0.62
+(uniform-a4 0.43 / 0.41 against 0.58 / 0.60; paged 0.50 / 0.38 against 0.60 / 0.57).
+Variants of this kernel: 3 blocks of 256 per SM (80 registers) is best; 2 blocks gave
+0.61 / 0.59, 16 tokens per thread 0.65 / 0.53, 4 tokens with 4 blocks 0.63 / 0.55;
+streaming stores (``-DSTORE_CS=1``, ``st.global.cs``) 0.55 / 0.52 for lynx-a4 (equal
+for uniform-a4). The target (0.75) is not reached yet: see bench/results/gpu.txt.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ SOURCE = r"""
 #ifndef TPT
 #define TPT 8  // tokens per thread; TOKENS_PER_THREAD
 #endif
+#ifndef STORE_CS
+#define STORE_CS 0  // 1: streaming (evict-first) stores
+#endif
 #define EPS 1e-6f  // lynxkv.codec.codes.EPS, float32
 
 struct Job {
@@ -63,20 +76,44 @@ template <bool Narrow> struct WordOf { typedef unsigned long long type; };
 template <> struct WordOf<true> { typedef unsigned int type; };
 
 template <int BITS>
-__device__ __forceinline__ typename WordOf<(BITS <= 4)>::type load_fields(const unsigned char* p) {
-    if (BITS == 4 && ((size_t)p & 3) == 0) return __ldg((const unsigned int*)p);
-    if (BITS == 2 && ((size_t)p & 1) == 0) return __ldg((const unsigned short*)p);
-    // odd widths, or a short last tensor's unaligned codes: byte by byte
+struct Fields {
     typedef typename WordOf<(BITS <= 4)>::type Word;
-    Word w = 0;
-#pragma unroll
-    for (int i = 0; i < BITS; ++i) w |= (Word)__ldg(p + i) << (8 * i);
-    return w;
-}
+    // one 32- or 16-bit load for 4- and 2-bit fields when the address allows it
+    static constexpr bool WIDE = BITS == 4 || BITS == 2;
 
-// 8 consecutive f16 (16-byte aligned) to float.
-__device__ __forceinline__ void load_half8(const unsigned char* p, float* out) {
-    uint4 u = __ldg((const uint4*)p);
+    static __device__ __forceinline__ bool aligned(const unsigned char* p) {
+        return WIDE && ((size_t)p & (BITS == 4 ? 3 : 1)) == 0;
+    }
+
+    template <bool ALIGNED>
+    static __device__ __forceinline__ Word load(const unsigned char* p) {
+        if (ALIGNED && BITS == 4) return __ldg((const unsigned int*)p);
+        if (ALIGNED && BITS == 2) return __ldg((const unsigned short*)p);
+        Word w = 0;  // odd widths, or a short last tensor's unaligned codes: byte by byte
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) w |= (Word)__ldg(p + i) << (8 * i);
+        return w;
+    }
+
+    // The fields of tokens 0..n-1 (0 past n), ``stride`` bytes apart from ``p``. The
+    // address check is done once here, not per token (every stride keeps alignment).
+    static __device__ __forceinline__ void load_tokens(
+        const unsigned char* p, int stride, int n, Word* w) {
+        if (aligned(p)) {
+#pragma unroll
+            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<true>(p + j * stride) : 0;
+        } else {
+#pragma unroll
+            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<false>(p + j * stride) : 0;
+        }
+    }
+};
+
+// 8 consecutive f16 (16-byte aligned), as loaded, and as float.
+__device__ __forceinline__ uint4 load_raw8(const unsigned char* p) {
+    return __ldg((const uint4*)p);
+}
+__device__ __forceinline__ void half8(uint4 u, float* out) {
     const __half2* h = (const __half2*)&u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -84,6 +121,9 @@ __device__ __forceinline__ void load_half8(const unsigned char* p, float* out) {
         out[2 * i] = f.x;
         out[2 * i + 1] = f.y;
     }
+}
+__device__ __forceinline__ void load_half8(const unsigned char* p, float* out) {
+    half8(load_raw8(p), out);
 }
 
 // Page metadata of 8 channels: g_min and g_scale + EPS.
@@ -118,23 +158,61 @@ __device__ __forceinline__ void load_chunk(
     for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
 }
 
+// 16-byte global stores (the destination pointer comes from the job table, so the
+// compiler would emit generic stores).
+__device__ __forceinline__ void store16(uint4* p, uint4 v) {
+    if (STORE_CS) __stcs(p, v);
+    else asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                      :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void store16(float4* p, float4 v) {
+    if (STORE_CS) __stcs(p, v);
+    else asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};"
+                      :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
 __device__ __forceinline__ void store8(float* dst, const float* v) {
-    ((float4*)dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    ((float4*)dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    store16((float4*)dst, make_float4(v[0], v[1], v[2], v[3]));
+    store16((float4*)dst + 1, make_float4(v[4], v[5], v[6], v[7]));
 }
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float* v) {
     uint4 u;
     __nv_bfloat162* p = (__nv_bfloat162*)&u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    *(uint4*)dst = u;
+    store16((uint4*)dst, u);
 }
 __device__ __forceinline__ void store8(__half* dst, const float* v) {
     uint4 u;
     __half2* p = (__half2*)&u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) p[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    *(uint4*)dst = u;
+    store16((uint4*)dst, u);
+}
+
+// The level-table index of each of 8 values: its anchor field, or for the full code
+// ``anchor << RBITS | residual``.
+template <int ABITS, int RBITS, bool FULL, typename AW, typename RW>
+__device__ __forceinline__ void level_indices(AW a, RW r, unsigned int* idx) {
+    if (FULL && ABITS == 4 && RBITS == 4) {
+        // byte k of lo (hi) is the index of value 2k (2k + 1): nibbles merged by word ops
+        const unsigned int aw = (unsigned int)a, rw = (unsigned int)r;
+        const unsigned int lo = (aw << 4 & 0xF0F0F0F0u) | (rw & 0x0F0F0F0Fu);
+        const unsigned int hi = (aw & 0xF0F0F0F0u) | (rw >> 4 & 0x0F0F0F0Fu);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            idx[2 * k] = lo >> (8 * k) & 0xFFu;
+            idx[2 * k + 1] = hi >> (8 * k) & 0xFFu;
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        idx[i] = (unsigned int)(a >> (ABITS * i)) & ((1u << ABITS) - 1);
+        if (FULL) {
+            const unsigned int rr = (unsigned int)(r >> (RBITS * i)) & ((1u << RBITS) - 1);
+            idx[i] = idx[i] << RBITS | rr;
+        }
+    }
 }
 
 // PAGE: lynx (page stage g_min/g_scale); BY_TOKEN: chunk metadata [T, H] (else [Q, C]);
@@ -150,6 +228,85 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     __shared__ float s_lev[256];
     __shared__ float s_mu[U8 ? 256 : 1];
     __shared__ float s_sig[U8 ? 256 : 1];
+
+    // One job (section) per grid row: no 64-bit division to find it. Divisions by
+    // run-time values cost tens of instructions: unsigned, and once per thread.
+    const unsigned int item = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned int G = (unsigned int)(H * D) >> 3;
+    const unsigned int grp = item / G;
+    const int g = item - grp * G;
+    const int t0 = grp * TPT;
+    const bool live = item < (unsigned int)items_per_job;
+    const int n = live ? min(TPT, T - t0) : 0;  // tokens of this thread (>= 1 when live)
+    const int C = H * D;
+    const int c0 = g << 3;
+    const int h = (unsigned int)c0 / (unsigned int)D;
+    const Job jb = jobs[blockIdx.y];
+    const unsigned char* pay = (const unsigned char*)jb.anchor;
+
+    // Every load this thread needs is issued first, before the tables are filled and
+    // before any use, so the codes, the row offsets and the metadata travel in one round
+    // trip that also covers the tables' (the common case: TPT divides chunk_tokens and
+    // page_tokens, so no metadata is reloaded in the loop).
+    const long long e0 = (long long)t0 * G + g;  // index of the 8-group of (t0, c0)
+    typename Fields<ABITS>::Word af[TPT];
+    typename Fields<RBITS>::Word rf[TPT];
+    Fields<ABITS>::load_tokens(pay + off_codes + e0 * ABITS, G * ABITS, n, af);
+    if (FULL) {
+        const unsigned char* res = (const unsigned char*)jb.residual;
+        Fields<RBITS>::load_tokens(res + e0 * RBITS, G * RBITS, n, rf);
+    } else {
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) rf[j] = 0;
+    }
+    long long ro[TPT];
+#pragma unroll
+    for (int j = 0; j < TPT; ++j) ro[j] = j < n ? __ldg(row_off + t0 + j) : -1;
+    unsigned char tmu[TPT], tsig[TPT];  // BY_TOKEN && U8: the token's fields
+    __half hmu[TPT], hsig[TPT];         // BY_TOKEN && !U8
+    if (BY_TOKEN) {
+        const long long o = (long long)t0 * H + h;
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            if (j < n) {
+                if (U8) {
+                    tmu[j] = __ldg(pay + off_mu + o + j * H);
+                    tsig[j] = __ldg(pay + off_sigma + o + j * H);
+                } else {
+                    hmu[j] = __ldg((const __half*)(pay + off_mu) + o + j * H);
+                    hsig[j] = __ldg((const __half*)(pay + off_sigma) + o + j * H);
+                }
+            }
+        }
+    }
+    // The first token's page and chunk metadata, as loaded (converted after the barrier,
+    // so that no instruction waits on them before the tables are filled); later tokens
+    // reload only past the end of that page or chunk (compared, not divided).
+    uint4 rmin = make_uint4(0, 0, 0, 0), rscl = rmin, rmu = rmin, rsig = rmin;
+    uint2 umu = make_uint2(0, 0), usig = umu;
+    int page_end = 0, chunk_end = 0;
+    if (live) {
+        const int page = (unsigned int)t0 / (unsigned int)page_tokens;
+        page_end = (page + 1) * page_tokens;
+        if (PAGE) {
+            const long long o = ((long long)page * C + c0) * 2;
+            rmin = load_raw8(pay + o);
+            rscl = load_raw8(pay + off_scale + o);
+        }
+        if (!BY_TOKEN) {
+            const int chunk = (unsigned int)t0 / (unsigned int)chunk_tokens;
+            chunk_end = (chunk + 1) * chunk_tokens;
+            const long long o = (long long)chunk * C + c0;
+            if (U8) {
+                umu = __ldg((const uint2*)(pay + off_mu + o));
+                usig = __ldg((const uint2*)(pay + off_sigma + o));
+            } else {
+                rmu = load_raw8(pay + off_mu + 2 * o);
+                rsig = load_raw8(pay + off_sigma + 2 * o);
+            }
+        }
+    }
+
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         s_lev[i] = tables[i];
         if (U8) {
@@ -158,74 +315,34 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
         }
     }
     __syncthreads();
-
-    // One job (section) per grid row: no 64-bit division to find it.
-    const int item = blockIdx.x * blockDim.x + threadIdx.x;
-    if (item >= items_per_job) return;
-    const int C = H * D;
-    const int G = C >> 3;
-    const int g = item % G;
-    const int t0 = (item / G) * TPT;
-    const int c0 = g << 3;
-    const int h = c0 / D;
-    const Job jb = jobs[blockIdx.y];
-    const unsigned char* pay = (const unsigned char*)jb.anchor;
-    const unsigned char* res = (const unsigned char*)jb.residual;
-    OutT* dst = (OutT*)jb.dst + h * stride_h + (c0 - h * D);
-
-    // Every load this thread needs is issued before the first use, so the codes, the
-    // row offsets and the metadata travel in one round trip (the common case: TPT
-    // divides chunk_tokens and page_tokens, so no metadata is reloaded in the loop).
-    typename WordOf<(ABITS <= 4)>::type af[TPT];
-    typename WordOf<(RBITS <= 4)>::type rf[TPT];
-    long long ro[TPT];
-    unsigned char tmu[TPT], tsig[TPT];  // BY_TOKEN && U8: the token's fields
-    __half hmu[TPT], hsig[TPT];         // BY_TOKEN && !U8
-#pragma unroll
-    for (int j = 0; j < TPT; ++j) {
-        const int t = t0 + j;
-        af[j] = rf[j] = 0;
-        ro[j] = -1;
-        if (t < T) {
-            const long long e8 = ((long long)t * C + c0) >> 3;  // index of the 8-group
-            af[j] = load_fields<ABITS>(pay + off_codes + e8 * ABITS);
-            if (FULL) rf[j] = load_fields<RBITS>(res + e8 * RBITS);
-            ro[j] = __ldg(row_off + t);
-            if (BY_TOKEN) {
-                const long long o = (long long)t * H + h;
-                if (U8) {
-                    tmu[j] = __ldg(pay + off_mu + o);
-                    tsig[j] = __ldg(pay + off_sigma + o);
-                } else {
-                    hmu[j] = __ldg((const __half*)(pay + off_mu) + o);
-                    hsig[j] = __ldg((const __half*)(pay + off_sigma) + o);
-                }
-            }
-        }
-    }
+    if (!live) return;
 
     float pmin[8], pscl[8], cmu[8], csig[8];
-    // The first token's page and chunk metadata, unconditionally (t0 < T always), so
-    // that these loads do not wait on ``row_off`` in the loop; later tokens reload only
-    // past the end of that page or chunk (compared, not divided: divisions by run-time
-    // values cost tens of instructions).
-    int page_end = (t0 / page_tokens + 1) * page_tokens;
-    int chunk_end = (t0 / chunk_tokens + 1) * chunk_tokens;
-    if (PAGE) load_page(pay, off_scale, ((long long)(t0 / page_tokens) * C + c0) * 2, pmin, pscl);
-    if (!BY_TOKEN) {
-        const long long o = (long long)(t0 / chunk_tokens) * C + c0;
-        load_chunk<U8>(pay, off_mu, off_sigma, o, s_mu, s_sig, cmu, csig);
-    }
+    if (PAGE) {
+        half8(rmin, pmin);
+        half8(rscl, pscl);
 #pragma unroll
-    for (int j = 0; j < TPT; ++j) {
-        const int t = t0 + j;
-        if (t >= T) break;
-        if (ro[j] < 0) continue;  // paged: slot -1
-        if (PAGE && t >= page_end) {
-            const int page = t / page_tokens;
-            page_end = (page + 1) * page_tokens;
-            load_page(pay, off_scale, ((long long)page * C + c0) * 2, pmin, pscl);
+        for (int i = 0; i < 8; ++i) pscl[i] = __fadd_rn(pscl[i], EPS);
+    }
+    if (!BY_TOKEN) {
+        if (U8) {
+            const unsigned char* bm = (const unsigned char*)&umu;
+            const unsigned char* bs = (const unsigned char*)&usig;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                cmu[i] = s_mu[bm[i]];
+                csig[i] = s_sig[bs[i]];
+            }
+        } else {
+            half8(rmu, cmu);
+            half8(rsig, csig);
         }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
+    }
+    OutT* dst = (OutT*)jb.dst + h * stride_h + (c0 - h * D);
+    // token j's 8 values from its fields and the current metadata
+    auto values = [&](int j, float* v) {
         if (BY_TOKEN) {  // one value for the head's D channels
             const float m = U8 ? s_mu[tmu[j]] : __half2float(hmu[j]);
             const float sg = __fadd_rn(U8 ? s_sig[tsig[j]] : __half2float(hsig[j]), EPS);
@@ -234,20 +351,12 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
                 cmu[i] = m;
                 csig[i] = sg;
             }
-        } else if (t >= chunk_end) {
-            const int chunk = t / chunk_tokens;
-            chunk_end = (chunk + 1) * chunk_tokens;
-            const long long o = (long long)chunk * C + c0;
-            load_chunk<U8>(pay, off_mu, off_sigma, o, s_mu, s_sig, cmu, csig);
         }
-        float v[8];
+        unsigned int lev_idx[8];
+        level_indices<ABITS, RBITS, FULL>(af[j], rf[j], lev_idx);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            unsigned int idx = (unsigned int)(af[j] >> (ABITS * i)) & ((1u << ABITS) - 1);
-            if (FULL) {
-                const unsigned int r = (unsigned int)(rf[j] >> (RBITS * i)) & ((1u << RBITS) - 1);
-                idx = (idx << RBITS) | r;
-            }
+            const unsigned int idx = lev_idx[i];
             const float lev = s_lev[idx];
             if (PAGE) {  // xn = mu + (sigma + EPS) * y;  x = g_min + (g_scale + EPS) * xn
                 const float xn = __fadd_rn(cmu[i], __fmul_rn(csig[i], lev));
@@ -256,6 +365,36 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
                 v[i] = __fadd_rn(cmu[i], __fmul_rn(lev, csig[i]));
             }
         }
+    };
+    const bool one_chunk = BY_TOKEN || t0 + TPT <= chunk_end;
+    if (n == TPT && one_chunk && (!PAGE || t0 + TPT <= page_end)) {
+        // the common case: TPT tokens under one page's and one chunk's metadata
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            float v[8];
+            values(j, v);
+            if (ro[j] >= 0) store8(dst + ro[j], v);  // paged: slot -1 is skipped
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < TPT; ++j) {
+        const int t = t0 + j;
+        if (j >= n) break;
+        if (ro[j] < 0) continue;
+        if (PAGE && t >= page_end) {
+            const int page = t / page_tokens;
+            page_end = (page + 1) * page_tokens;
+            load_page(pay, off_scale, ((long long)page * C + c0) * 2, pmin, pscl);
+        }
+        if (!BY_TOKEN && t >= chunk_end) {
+            const int chunk = t / chunk_tokens;
+            chunk_end = (chunk + 1) * chunk_tokens;
+            const long long o = (long long)chunk * C + c0;
+            load_chunk<U8>(pay, off_mu, off_sigma, o, s_mu, s_sig, cmu, csig);
+        }
+        float v[8];
+        values(j, v);
         store8(dst + ro[j], v);
     }
 }
