@@ -167,6 +167,27 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
 
 
+@pytest.fixture
+def ns(redis_cluster: LocalCluster) -> Backend:
+    """A namespace of the test's own on the session's cluster."""
+    return redis_backend(redis_cluster)
+
+
+@pytest.fixture
+def new_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Starts clusters of the test's own (for tests that break them); stops them after."""
+    require_tools()
+    started: list[LocalCluster] = []
+
+    def start(**kw: Any) -> LocalCluster:
+        started.append(LocalCluster(tmp_path / f"cluster-{len(started)}", **kw))
+        return started[-1].start()
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
 @dataclass(frozen=True)
 class Backend:
     """The store a test runs on: LMDB in the test's folder, or a namespace of its own on the
