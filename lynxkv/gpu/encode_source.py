@@ -24,10 +24,10 @@ in token order, to add in numpy's order).
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
 
-Measured (H200, bench/gpu.py, 2026-11-30): 0.20 of copy bandwidth for lynx-a4, 0.40 for
-uniform-a4, 0.18 for lynx-a4-paper (0.14, 0.28, 0.12 before ``div_fast``), with no field
-differing from numpy's on the sampled sections; the target is 0.60 (docs/benchmarks.md
-has the reading and what to try next).
+Measured (H200, bench/gpu.py, 2026-11-30): 0.20 of copy bandwidth for lynx-a4, 0.41 for
+uniform-a4, 0.18 for lynx-a4-paper (0.14, 0.28, 0.12 before ``div_fast``; uniform 0.40
+before ``rint_small``), with no field differing from numpy's on the sampled sections; the
+target is 0.60 (docs/benchmarks.md has the reading and what to try next).
 """
 
 from __future__ import annotations
@@ -144,6 +144,13 @@ __device__ __forceinline__ int sigma_index(float spread, const float* thr) {
     for (int step = 128; step > 0; step >>= 1)
         if (k + step <= 255 && spread >= thr[k + step]) k += step;
     return k;
+}
+
+// Round-to-nearest-even of r in [0, 2^22) by one float add (what rintf gives, without
+// the conversion pipe's FRND and F2I): the integer is in the low bits of the sum.
+#define MAGIC 12582912.0f  // 1.5 * 2^23
+__device__ __forceinline__ int rint_small(float r) {
+    return __float_as_int(__fadd_rn(r, MAGIC)) - __float_as_int(MAGIC);
 }
 
 // The magnitude code of a = |y| in [0, 1]: a fast estimate (within one code of numpy's,
@@ -518,8 +525,9 @@ __global__ void __launch_bounds__(256, 3) encode(
                 af[i] = (unsigned int)q & ((1u << ABITS) - 1);
                 rf[i] = (unsigned int)(m * (1 << RBITS) - code + (1 << (RBITS - 1)));
             } else {  // u = round((x - min) / (scale + EPS) * 255); high and low bits
-                const float u = rintf(__fmul_rn(q[i], 255.0f));
-                const unsigned int ui = (unsigned int)fminf(fmaxf(u, 0.0f), 255.0f);
+                // rint commutes with the clamp to [0, 255] (integer bounds)
+                const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
+                const unsigned int ui = (unsigned int)rint_small(u);
                 af[i] = ui >> RBITS;
                 rf[i] = ui & ((1u << RBITS) - 1);
             }
