@@ -39,11 +39,8 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import HOST, Connection, Request, Sample, Target, fetch, measure
+from bench.loadgen import Connection, Request, Sample, Target, fetch, measure
+from bench.procs import log_tail, start_lynxkv, start_nginx
 from lynxkv.codec import encode
 from lynxkv.kvstore.frames import DataFrame, FrameParser
 
@@ -65,7 +63,6 @@ SYSTEMS = ("lynxkv GET", "lynxkv stream", "nginx GET")
 CLUSTER_SYSTEMS = ("cluster GET x1", "cluster GET x2")
 LMDB_GET = "lynxkv GET"
 HEADS, HEAD_DIM, LAYERS = 8, 128, 30  # ~1.08 byte per element with lynx-a4
-START_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -112,151 +109,6 @@ def make_objects(settings: Settings) -> list[bytes]:
 
 def key_of(i: int) -> str:
     return f"bench-{i:03d}"
-
-
-# -- the servers ---------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when this process dies, even by SIGKILL."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _spawn(args: Sequence[str], stdout: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        return subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,  # Ctrl-C reaches this process only; it stops them
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _log_tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
-
-
-def start_lynxkv(
-    stack: contextlib.ExitStack,
-    tmp: Path,
-    settings: Settings,
-    size: int,
-    store: str = "lmdb",
-    name: str = "lynxkv",
-) -> tuple[int, int]:
-    """Start ``lynxkv serve`` on a free port (on ``store``); the port and the pid."""
-    out, err = tmp / f"{name}.out", tmp / f"{name}.err"
-    args = [sys.executable, "-m", "lynxkv.cli", "serve", "--host", HOST, "--port", "0"]
-    args += ["--data-dir", str(tmp / f"{name}-data"), "--log-level", "warning"]
-    args += ["--store", store]
-    args += ["--max-bytes", str(2 * settings.objects * size + (256 << 20))]
-    args += ["--max-object-bytes", str(2 * size)]
-    proc = _spawn(args, out, err)
-    stack.callback(_stop, proc)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    prefix = "lynxkv serving on http://"
-    while time.monotonic() < deadline and proc.poll() is None:
-        for line in out.read_text().splitlines():
-            if line.startswith(prefix):
-                return int(line.removeprefix(prefix).rsplit(":", 1)[1].strip("/")), proc.pid
-        time.sleep(0.05)
-    raise RuntimeError(f"lynxkv serve did not start:\n{_log_tail(err)}")
-
-
-def nginx_binary() -> str:
-    """The nginx executable; installs Debian's nginx-light first when there is none."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("nginx is missing: apt-get install -y nginx-light (as root)")
-    print("installing nginx-light ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "nginx-light"]
-    if subprocess.run(install, env=env, capture_output=True).returncode:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-    found = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if not found:
-        raise RuntimeError("nginx-light installed, but no nginx executable found")
-    return found
-
-
-NGINX_CONF = """\
-{user}worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/nginx.err warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
-    client_body_temp_path {root}/tmp-body;
-    proxy_temp_path {root}/tmp-proxy;
-    fastcgi_temp_path {root}/tmp-fastcgi;
-    uwsgi_temp_path {root}/tmp-uwsgi;
-    scgi_temp_path {root}/tmp-scgi;
-    server {{
-        listen {host}:{port};
-        root {www};
-    }}
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _listening(port: int, proc: subprocess.Popen[bytes]) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def start_nginx(stack: contextlib.ExitStack, tmp: Path, www: Path) -> tuple[int, int, str]:
-    """Start nginx serving ``www`` on a free port; the port, the pid and the version."""
-    binary = nginx_binary()
-    version = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip()
-    # as root, the worker would drop to "nobody", who cannot read our private temp dir
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    for _ in range(5):  # a free port may be taken before nginx binds it
-        port = _free_port()
-        conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(user=user, root=tmp, host=HOST, port=port, www=www))
-        args = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx.err")]
-        proc = _spawn(args, tmp / "nginx.out", tmp / "nginx.stderr")
-        if _listening(port, proc):
-            stack.callback(_stop, proc)
-            return port, proc.pid, version.removeprefix("nginx version: ")
-        _stop(proc)
-        if "Address already in use" not in _log_tail(tmp / "nginx.err"):
-            break
-    raise RuntimeError(f"nginx did not start:\n{_log_tail(tmp / 'nginx.err')}")
 
 
 # -- setup and checks ----------------------------------------------------------------------
@@ -436,6 +288,11 @@ def build_targets(
     }
 
 
+def _limits(settings: Settings, size: int) -> tuple[int, int]:
+    """``--max-bytes`` and ``--max-object-bytes`` for objects of at most ``size`` bytes."""
+    return 2 * settings.objects * size + (256 << 20), 2 * size
+
+
 def start_cluster_targets(
     stack: contextlib.ExitStack, tmp: Path, settings: Settings, objects: Sequence[bytes]
 ) -> dict[str, Target]:
@@ -448,8 +305,8 @@ def start_cluster_targets(
     mib = 4 * settings.objects * max(len(o) for o in objects) // 2**20 + 256
     cluster = stack.enter_context(LocalCluster(tmp / "redis", maxmemory=f"{mib}mb"))
     size = max(len(o) for o in objects)
-    a = start_lynxkv(stack, tmp, settings, size, store=cluster.url, name="cluster-a")
-    b = start_lynxkv(stack, tmp, settings, size, store=cluster.url, name="cluster-b")
+    a = start_lynxkv(stack, tmp, *_limits(settings, size), store=cluster.url, name="cluster-a")
+    b = start_lynxkv(stack, tmp, *_limits(settings, size), store=cluster.url, name="cluster-b")
     upload(a[0], objects)
     paths = [f"/v1/kv/{key_of(i)}" for i in range(settings.objects)]
     check_get("cluster GET a", a[0], paths, objects)
@@ -475,7 +332,7 @@ def run(settings: Settings) -> None:
         www.mkdir()
         for i, obj in enumerate(objects):
             (www / key_of(i)).write_bytes(obj)
-        lynx_port, lynx_pid = start_lynxkv(stack, tmp, settings, max(sizes))
+        lynx_port, lynx_pid = start_lynxkv(stack, tmp, *_limits(settings, max(sizes)))
         nginx_port, nginx_pid, nginx_version = start_nginx(stack, tmp, www)
         mib = statistics.mean(sizes) / 2**20
         print(f"uploading {settings.objects} objects of {mib:.1f} MiB to lynxkv :{lynx_port};")
@@ -491,7 +348,7 @@ def run(settings: Settings) -> None:
             targets |= start_cluster_targets(stack, tmp, settings, objects)
         results = run_rounds(targets, settings)
         errors = "\n".join(
-            _log_tail(tmp / f"{name}.err").strip() for name in ("lynxkv", "cluster-a", "cluster-b")
+            log_tail(tmp / f"{name}.err").strip() for name in ("lynxkv", "cluster-a", "cluster-b")
         ).strip()
     print()
     print(
