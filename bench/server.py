@@ -25,7 +25,10 @@ machine, not for a NIC. With two cores, server and client share the CPU: on a bu
 machine throughput follows the total CPU per byte.
 
     PYTHONPATH=. python bench/server.py [--quick] [--objects 4] [--rounds 7] [--discard]
+                                        [--cluster]
 
+``--cluster`` adds lynxkv on a local Redis Cluster (3 masters, 3 replicas, Debian's
+redis-server): GET through one server and through two, on the same objects.
 Installs Debian's nginx-light when nginx is missing (as root). The last line of the
 output is one JSON object with every figure.
 """
