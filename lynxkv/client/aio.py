@@ -10,34 +10,42 @@ Connection failures and 502/503/504 answers are retried with exponential backoff
 :mod:`lynxkv.errors`. The client never checks objects' section checksums itself: the
 server validated every object on PUT, and readers that decode (the progressive fetch)
 verify each section through the codec's ``ObjectDecoder``.
+
+The result types and the checked reading of answers live in :mod:`lynxkv.client.results`
+(re-exported here), the PUT body in :mod:`lynxkv.client.upload`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import json
-import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from lynxkv.client.ratelimit import TokenBucket
+from lynxkv.client.results import (
+    LookupResult,
+    ObjectMeta,
+    PutResult,
+    json_field,
+    object_meta,
+    read_json,
+    response_header,
+    response_header_int,
+)
 from lynxkv.client.retry import (
     FAILURES,
     Attempts,
     Resume,
     RetryPolicy,
     Truncated,
-    header,
-    header_int,
     read_error,
     transport_error,
 )
+from lynxkv.client.upload import Source, Upload
 from lynxkv.errors import FormatError, InvalidKey, NotFound, TransportError
 from lynxkv.kvstore.frames import Frame, FrameParser
 
@@ -54,40 +62,9 @@ T = TypeVar("T")
 #: Called with the number of bytes just transferred (an increment, as ``tqdm.update``
 #: takes it); across retries and resumes the increments add up to the bytes delivered.
 Progress = Callable[[int], None]
-Source = bytes | bytearray | memoryview | os.PathLike[str] | AsyncIterable[bytes]
 
 _SCHEMES = ("http", "https")
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectMeta:
-    """What the server knows of a stored object. ``etag`` is quoted, as HTTP sends it;
-    ``last_access`` (Unix time) comes only from :meth:`AsyncClient.list`."""
-
-    key: str
-    size: int
-    anchor_end: int
-    etag: str
-    last_access: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    """The stored object; ``created`` is False when it replaced an earlier version."""
-
-    key: str
-    size: int
-    anchor_end: int
-    etag: str
-    created: bool
-
-
-class LookupResult(NamedTuple):
-    """``prefix``: how many leading keys are present; ``present``: each key's presence."""
-
-    prefix: int
-    present: tuple[bool, ...]
 
 
 class AsyncClient:
@@ -177,18 +154,18 @@ class AsyncClient:
         """Store ``data`` under ``key``: bytes, a file path (streamed, never read whole) or
         an async iterator of bytes. Bytes and files are re-sent when the upload is retried;
         an iterator can be sent once, so its upload is not retried."""
-        body = _Upload(data, self._chunk_size, progress)
+        body = Upload(data, self._chunk_size, progress)
         headers = {"Content-Type": "application/octet-stream"}
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
 
         async def read(resp: aiohttp.ClientResponse) -> PutResult:
-            doc = await _json(resp)
+            doc = await read_json(resp)
             return PutResult(
-                key=_field(doc, "key", str),
-                size=_field(doc, "size", int),
-                anchor_end=_field(doc, "anchor_end", int),
-                etag=_field(doc, "etag", str),
+                key=json_field(doc, "key", str),
+                size=json_field(doc, "size", int),
+                anchor_end=json_field(doc, "anchor_end", int),
+                etag=json_field(doc, "etag", str),
                 created=resp.status == 201,
             )
 
@@ -239,9 +216,9 @@ class AsyncClient:
         async def read(resp: aiohttp.ClientResponse) -> ObjectMeta:
             return ObjectMeta(
                 key=key,
-                size=_header_int(resp, "Content-Length"),
-                anchor_end=_header_int(resp, "X-Lynx-Anchor-End"),
-                etag=_header(resp, "ETag"),
+                size=response_header_int(resp, "Content-Length"),
+                anchor_end=response_header_int(resp, "X-Lynx-Anchor-End"),
+                etag=response_header(resp, "ETag"),
             )
 
         return await self._call("HEAD", self._key_url(key), read, self._attempts(f"HEAD {key}"))
@@ -266,11 +243,11 @@ class AsyncClient:
         """How many leading ``keys`` are stored (for chained chunk keys: the cached prefix)."""
 
         async def read(resp: aiohttp.ClientResponse) -> LookupResult:
-            doc = await _json(resp)
-            present = _field(doc, "present", builtins.list)
+            doc = await read_json(resp)
+            present = json_field(doc, "present", builtins.list)
             if len(present) != len(keys) or not all(isinstance(p, bool) for p in present):
                 raise FormatError(f"lookup answer has a bad 'present' list: {present[:8]!r}")
-            return LookupResult(_field(doc, "prefix", int), tuple(present))
+            return LookupResult(json_field(doc, "prefix", int), tuple(present))
 
         url = self._url("/v1/lookup")
         body = {"keys": builtins.list(keys)}
@@ -316,8 +293,8 @@ class AsyncClient:
         """Stored objects whose keys start with ``prefix``, sorted by key, at most ``limit``."""
 
         async def read(resp: aiohttp.ClientResponse) -> builtins.list[ObjectMeta]:
-            objects = _field(await _json(resp), "objects", builtins.list)
-            return [_meta(o) for o in objects]
+            objects = json_field(await read_json(resp), "objects", builtins.list)
+            return [object_meta(o) for o in objects]
 
         params = {"limit": str(limit), **({"prefix": prefix} if prefix else {})}
         url = self._url("/v1/kv")
@@ -425,63 +402,6 @@ class AsyncClient:
                 await attempts.failed(exc)
 
 
-class _Upload:
-    """A PUT body: its length (None when unknown: sent chunked), whether it can be sent
-    again, and :meth:`open`, which streams its bytes afresh for each attempt."""
-
-    def __init__(self, data: Source, chunk_size: int, progress: Progress | None) -> None:
-        self._chunk_size = chunk_size
-        self._progress = progress
-        self._reported = 0  # bytes reported to ``progress``, the most any attempt sent
-        self._bytes: memoryview | None = None
-        self._path: str | None = None
-        self._iterable: AsyncIterable[bytes] | None = None
-        self.length: int | None = None
-        if isinstance(data, bytes | bytearray | memoryview):
-            self._bytes = memoryview(data).cast("B")
-            self.length = self._bytes.nbytes
-        elif isinstance(data, str):
-            raise TypeError("put takes bytes or a path, not str: pass pathlib.Path(...) for a file")
-        elif isinstance(data, os.PathLike):
-            self._path = os.fspath(data)
-            self.length = os.stat(self._path).st_size
-        elif isinstance(data, AsyncIterable):
-            self._iterable = data
-        else:
-            raise TypeError(f"put takes bytes, a path or an async iterable; got {type(data)}")
-
-    @property
-    def replayable(self) -> bool:
-        return self._iterable is None
-
-    def open(self) -> AsyncIterator[bytes]:
-        return self._counted(self._chunks())
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        if self._bytes is not None:
-            for at in range(0, self._bytes.nbytes, self._chunk_size):
-                yield bytes(self._bytes[at : at + self._chunk_size])
-        elif self._path is not None:
-            # the file is read in a thread, one chunk at a time: never whole, never blocking
-            with await asyncio.to_thread(open, self._path, "rb") as file:
-                while chunk := await asyncio.to_thread(file.read, self._chunk_size):
-                    yield chunk
-        else:
-            assert self._iterable is not None
-            async for chunk in self._iterable:
-                yield chunk
-
-    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        sent = 0
-        async for chunk in chunks:
-            yield chunk
-            sent += len(chunk)
-            if self._progress is not None and sent > self._reported:
-                # a retried upload reports only the bytes beyond what an earlier try sent
-                self._progress(sent - self._reported)
-                self._reported = sent
-
-
 # -- pure helpers -----------------------------------------------------------------------------
 
 
@@ -497,39 +417,3 @@ def _base_url(url: str) -> URL:
     if base.query_string or base.fragment or base.user is not None:
         raise ValueError(f"URL {url!r} must not carry a query, fragment or user info")
     return base
-
-
-def _header(resp: aiohttp.ClientResponse, name: str) -> str:
-    return header(resp.headers, name, f"{resp.method} {resp.url.path}")
-
-
-def _header_int(resp: aiohttp.ClientResponse, name: str) -> int:
-    return header_int(resp.headers, name, f"{resp.method} {resp.url.path}")
-
-
-async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    try:
-        doc = json.loads(await resp.read())
-    except ValueError as exc:
-        raise FormatError(f"{resp.method} {resp.url.path}: the answer is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise FormatError(f"{resp.method} {resp.url.path}: the answer is not a JSON object")
-    return doc
-
-
-def _field(doc: Any, name: str, kind: type[T]) -> T:
-    value = doc.get(name) if isinstance(doc, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise FormatError(f"the server's answer has no valid {name!r}: {str(doc)[:200]}")
-    return value
-
-
-def _meta(doc: Any) -> ObjectMeta:
-    last_access = doc.get("last_access") if isinstance(doc, dict) else None
-    return ObjectMeta(
-        key=_field(doc, "key", str),
-        size=_field(doc, "size", int),
-        anchor_end=_field(doc, "anchor_end", int),
-        etag=_field(doc, "etag", str),
-        last_access=float(last_access) if isinstance(last_access, int | float) else None,
-    )
