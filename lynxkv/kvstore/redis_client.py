@@ -28,6 +28,17 @@ def _translate(exc: BaseException) -> StoreError:
     return StoreError(text if text.startswith("Redis Cluster") else f"Redis Cluster: {text}")
 
 
+def _raised_in_redis(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is redis-py's code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and module.split(".")[0] == "redis"
+
+
 def _check(results: Sequence[Any]) -> None:
     """Raise the first error among a pipeline's results, translated."""
     for result in results:
@@ -69,6 +80,13 @@ class ClusterClient:
             return await call(*args, **kw)
         except (RedisError, RedisClusterException) as exc:
             raise _translate(exc) from exc
+        except AttributeError as exc:
+            # redis-py (8.1 seen) races with its own reconnects in a failover: a command
+            # sent on a connection being torn down meets its writer gone (None). Raised
+            # inside redis-py, that is a lost connection; raised anywhere else, a bug.
+            if not _raised_in_redis(exc):
+                raise
+            raise StoreError(f"Redis Cluster: connection lost mid-command ({exc})") from exc
 
     async def command(self, *args: Any, **kw: Any) -> Any:
         return await self.run(self._client.execute_command, *args, **kw)
