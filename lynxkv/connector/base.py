@@ -204,7 +204,7 @@ class LoadHandle:
         try:
             self._fetch = io.run(self._open())
         except StoreFailure as exc:
-            self._fail("load", exc)
+            self.fail("load", exc)
             return
         self._stats = self._fetch.stats
         if decode:
@@ -227,8 +227,10 @@ class LoadHandle:
         if not future.cancelled() and future.exception() is None:
             setattr(self, name, time.perf_counter())
 
-    def _fail(self, op: str, exc: BaseException) -> None:
-        if not self._failed:  # one failed load is one failure, whichever stage saw it
+    def fail(self, op: str, exc: BaseException) -> None:
+        """Count this load as failed (once, whichever stage or caller saw it first): for an
+        engine adapter that finds the data unusable (chunks of another shape, say)."""
+        if not self._failed:
             self._failed = True
             self._connector._failure("load_failures", op, exc)
 
@@ -249,7 +251,7 @@ class LoadHandle:
         try:
             result = future.result(timeout)
         except StoreFailure as exc:
-            self._fail(f"load ({what})", exc)
+            self.fail(f"load ({what})", exc)
             return None
         return _concat(result) if decoded else result
 

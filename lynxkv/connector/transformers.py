@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from lynxkv.connector.base import KVConnector, Layers, LoadHandle, SaveLayers
+from lynxkv.connector.base import KeySections, KVConnector, Layers, LoadHandle, SaveLayers
 from lynxkv.connector.model import LoadedModel, prefill_cache, prefill_kv, require
 from lynxkv.connector.speculative import DraftPolicy, Recorder, Timeline, accept_drafts
+from lynxkv.errors import FormatError
 
 if TYPE_CHECKING:
     import torch
@@ -114,22 +115,52 @@ class _Prefix:
     ``lynxkv.gpu`` straight into the cache's tensors (``engine=True``: CuPy kernels when
     the model is on a CUDA device, the numpy codec otherwise)."""
 
-    def __init__(self, model: Any, handle: LoadHandle, *, engine: bool, chunk_tokens: int):
-        self.model, self.handle, self.engine, self.chunk_tokens = (
-            model,
-            handle,
-            engine,
-            chunk_tokens,
-        )
+    def __init__(self, loaded: LoadedModel, handle: LoadHandle, *, engine: bool, chunk_tokens: int):
+        self.model, self.handle, self.engine = loaded.model, handle, engine
+        self.chunk_tokens = chunk_tokens
+        #: what every loaded chunk must be: layers, and (tokens, KV heads, head dim)
+        self.expect = (loaded.layers, (chunk_tokens, loaded.kv_heads, loaded.head_dim))
         self._anchors: list[Any] = []  # lynxkv.gpu.AnchorCache per chunk
+
+    def _misfit(self, what: str) -> bool:
+        self.handle.fail("load (shape)", FormatError(f"{what}; the model needs {self._want()}"))
+        return True
+
+    def _want(self) -> str:
+        layers, shape = self.expect
+        return f"{layers} layers of {shape} per chunk"
+
+    def _headers_misfit(self, chunks: Sequence[KeySections]) -> bool:
+        """Whether a chunk's header is not the model's shape (a chunk of another model or
+        a foreign writer under the model's key): then the load fails."""
+        for header, _ in chunks:
+            if (header.layers, tuple(header.shape)) != self.expect:
+                return self._misfit(f"a chunk holds {header.layers} layers of {header.shape}")
+        return False
+
+    def _arrays_misfit(self, layers: Layers) -> bool:
+        """The same for the client's arrays (per layer (K, V) [P, H, D])."""
+        count, (_, heads, dim) = self.expect
+        want = (self.handle.tokens, heads, dim)
+        for k, v in layers:
+            if k.shape != want or v.shape != want:
+                return self._misfit(f"the chunks hold K {k.shape} and V {v.shape}")
+        if len(layers) != count:
+            return self._misfit(f"the chunks hold {len(layers)} layers")
+        return False
+
+    def _arrays(self, layers: Layers | None) -> Any | None:
+        """A cache from the client's arrays, if they are the model's shape."""
+        if layers is None or self._arrays_misfit(layers):
+            return None
+        return _cache_from(self.model, layers)
 
     def anchor(self) -> Any | None:
         """A cache holding the anchor decode (blocks for it); ``None`` on failure."""
         if not self.engine:
-            layers = self.handle.anchor()
-            return None if layers is None else _cache_from(self.model, layers)
+            return self._arrays(self.handle.anchor())
         chunks = self.handle.anchor_sections()
-        if chunks is None:
+        if chunks is None or self._headers_misfit(chunks):
             return None
         from lynxkv.gpu import decode_anchor
 
@@ -150,8 +181,7 @@ class _Prefix:
     def full(self) -> Any | None:
         """A cache holding the full decode (blocks for it); ``None`` on failure."""
         if not self.engine:
-            layers = self.handle.residual()
-            return None if layers is None else _cache_from(self.model, layers)
+            return self._arrays(self.handle.residual())
         cache = self.anchor()
         if cache is None or not self.refine(cache):
             return None
@@ -162,7 +192,7 @@ class _Prefix:
         the prefix with the full decode (blocks for it); False on failure."""
         if not self.engine:
             layers = self.handle.residual()
-            if layers is None:
+            if layers is None or self._arrays_misfit(layers):
                 return False
             _refine(self.model, cache, layers)
             return True
@@ -356,7 +386,7 @@ class TransformersEngine:
 
     def _prefix(self, handle: LoadHandle) -> _Prefix:
         return _Prefix(
-            self.loaded.model,
+            self.loaded,
             handle,
             engine=self.decode_on == "engine",
             chunk_tokens=self.connector.chunk_tokens,

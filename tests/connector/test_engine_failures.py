@@ -185,3 +185,35 @@ def test_damaged_residual_lynx_verifies_on_a_recompute(
         stats = engine.connector.stats.snapshot()
         assert stats["lookup_failures"] == 0 and stats["load_failures"] == 2
     assert proxy.replaced >= 2
+
+
+@pytest.mark.parametrize(("layers", "heads"), [(2, 3), (30, 2)], ids=["layers", "heads"])
+@pytest.mark.parametrize("decode_on", DECODE_ON)
+def test_chunks_of_another_shape_recompute(
+    smollm: LoadedModel,
+    case: Case,
+    decode_on: DecodeOn,
+    layers: int,
+    heads: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Objects under the right keys but of another shape (a store written by a buggy or
+    foreign writer) are a failed load: the engine recomputes, nothing raises."""
+    from lynxkv.codec import encode
+    from tests.codec.kvgen import make_kv
+
+    with (
+        running_server(tmp_path_factory.mktemp("foreign") / "data") as url,
+        TransformersEngine(smollm, url, decode_on=decode_on, **FAST) as engine,
+    ):
+        keys = engine.connector.keys(case.ids[: case.prefix], "lynx-a4")
+        # SmolLM2 has 30 layers of 3 KV heads of 64
+        wrong = encode(make_kv(5, layers=layers, tokens=256, heads=heads, dim=64), "lynx-a4")
+        with Client(url) as client:
+            for key in keys:
+                client.put(key, wrong)
+        for mode in ("lynx", "int8-lynx"):
+            gen = engine.generate(case.ids, 8, mode)
+            assert gen.tokens == case.reference, mode
+            assert gen.timeline.recomputed, mode
+        assert engine.connector.stats.snapshot()["load_failures"] == 2
