@@ -1,4 +1,5 @@
-"""The LMDB store on a real LMDB in a temp dir; the crash tests SIGKILL a real writer process.
+"""The LMDB store on a real LMDB in a temp dir: options, objects, ranges and persistence (its
+space and eviction: test_lmdb_capacity.py); the crash tests SIGKILL a real writer process.
 
 Run as ``python -m tests.kvstore.test_lmdb_store child-... ARGS`` this module is that writer.
 """
@@ -12,89 +13,30 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import lmdb
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lynxkv
-from lynxkv.errors import NotFound, PreconditionFailed, StorageFull, StoreError
-from lynxkv.kvstore.lmdb_layout import map_size_for
-from lynxkv.kvstore.lmdb_store import LmdbOptions, LmdbStore, plan_eviction
-from lynxkv.kvstore.store import ObjectInfo, Store, StoreStats, piece_spans
-
-P = 4096  # a small piece, so that objects of a few KiB span several pieces
-MAX = 40 * P
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def options(**kw: Any) -> LmdbOptions:
-    return LmdbOptions(**{"piece_size": P, "write_batch": 4 * P, "read_threads": 2, **kw})
-
-
-async def open_store(path: Path, max_bytes: int = MAX, **kw: Any) -> LmdbStore:
-    return await LmdbStore.open(path, max_bytes, options(**kw))
-
-
-def body(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-async def put(
-    store: Store, key: str, data: bytes, chunk: int = 1000, hint: bool = True
-) -> tuple[ObjectInfo, bool]:
-    up = await store.begin_put(key, len(data) if hint else None)
-    try:
-        for i in range(0, len(data), chunk):
-            await up.write(data[i : i + chunk])
-        return await up.commit(len(data) // 3)
-    except StoreError:
-        await up.abort()
-        raise
-
-
-async def get(store: Store, key: str, start: int, end: int, etag: str | None = None) -> bytes:
-    return b"".join([piece async for piece in store.read(key, start, end, etag)])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait for background work (freeing a version after its last reader)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
-def stored_pieces(path: Path) -> int:
-    """Pieces on disk, counted by LMDB itself (the store must be closed)."""
-    with lmdb.open(str(path), readonly=True, max_dbs=3, lock=False) as env:
-        data = env.open_db(b"data", create=False)
-        with env.begin() as txn:
-            return txn.stat(data)["entries"]
-
-
-def pieces_of(*sizes: int) -> int:
-    return sum(-(-size // P) for size in sizes)
-
+from lynxkv.errors import NotFound, PreconditionFailed, StoreError
+from lynxkv.kvstore.store import Store, StoreStats, piece_spans
+from tests.kvstore.lmdb_helpers import (
+    MAX,
+    P,
+    body,
+    get,
+    open_store,
+    options,
+    pieces_of,
+    put,
+    run,
+    stored_pieces,
+)
 
 # -- pure helpers ------------------------------------------------------------------------
-
-
-def test_map_size_formula() -> None:
-    gib = 1 << 30
-    size = map_size_for(10 * gib, 1 << 20)
-    pages = 10 * 1024 * 257  # a 1 MiB piece and its 16-byte header take 257 pages
-    assert size == pages * 4096 * 3 // 2 + (64 << 20)
-    assert size % (1 << 20) == 0
-    assert map_size_for(1, 1 << 20) == 66 << 20  # 64 MiB + 257 pages * 1.5, rounded up
 
 
 @given(st.data())
@@ -107,15 +49,6 @@ def test_piece_spans_cover_the_range_exactly(data: st.DataObject) -> None:
     spans = list(piece_spans(start, end, piece))
     assert all(0 <= lo < hi <= piece for _, lo, hi in spans)
     assert b"".join(blob[n * piece + lo : n * piece + hi] for n, lo, hi in spans) == blob[start:end]
-
-
-def test_plan_eviction_takes_least_recent_first() -> None:
-    lru = [("a", 3), ("b", 5), ("c", 2)]
-    assert plan_eviction(lru, 0) == []
-    assert plan_eviction(lru, 3) == ["a"]
-    assert plan_eviction(lru, 4) == ["a", "b"]
-    assert plan_eviction(lru, 10) == ["a", "b", "c"]
-    assert plan_eviction(lru, 11) is None
 
 
 @pytest.mark.parametrize(
@@ -240,212 +173,6 @@ def test_etag_precondition(tmp_path: Path) -> None:
                 await get(store, "k", 0, 5, etag='"' + "0" * 32 + '"')
             with pytest.raises(PreconditionFailed):
                 await get(store, "k", 0, 5, etag=info.etag.strip('"'))  # ETags compare quoted
-        finally:
-            await store.close()
-
-    run(main())
-
-
-# -- capacity -----------------------------------------------------------------------------
-
-
-def test_abort_leaves_nothing_and_gives_the_space_back(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        try:
-            await put(store, "a", body(1, 10 * P))
-            up = await store.begin_put("b", None)
-            for _ in range(30):  # 30 pieces: several write batches reach LMDB
-                await up.write(body(2, P))
-            await up.abort()
-            await up.abort()  # twice is fine
-            with pytest.raises(StoreError):
-                await up.write(b"x")
-            assert await store.contains(["b"]) == [False]
-            await put(store, "c", body(3, 30 * P))  # fits only if b's space came back
-            assert (await store.stats()).evictions == 0
-        finally:
-            await store.close()
-        assert stored_pieces(tmp_path) == pieces_of(10 * P, 30 * P)
-
-    run(main())
-
-
-def test_eviction_follows_least_recent_use(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=10 * P)
-        try:
-            for key in "abc":
-                await put(store, key, body(ord(key), 3 * P))
-            await store.info("a")  # LRU order now b, c, a
-            await put(store, "d", body(4, 3 * P))
-            assert await store.contains(list("abcd")) == [True, False, True, True]
-            await get(store, "c", 0, 1)  # a, d, c
-            await put(store, "e", body(5, 3 * P))
-            assert await store.contains(list("acde")) == [False, True, True, True]
-            stats = await store.stats()
-            assert (stats.evictions, stats.objects, stats.bytes) == (2, 3, 9 * P)
-        finally:
-            await store.close()
-
-    run(main())
-
-
-def test_object_larger_than_the_store_is_refused(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=10 * P)
-        try:
-            await put(store, "a", body(1, 4 * P))
-            with pytest.raises(StorageFull):
-                await put(store, "big", body(2, 10 * P + 1))  # with a size hint: refused upfront
-            assert await store.contains(["a", "big"]) == [True, False]
-            assert (await store.stats()).evictions == 0
-            up = await store.begin_put("big", None)  # without one, refused when it gets there
-            with pytest.raises(StorageFull):
-                for _ in range(11):
-                    await up.write(body(3, P))
-            await up.abort()
-            assert (await store.stats()).bytes <= 10 * P
-            await put(store, "b", body(4, 10 * P))
-            assert await get(store, "b", 0, 10 * P) == body(4, 10 * P)
-        finally:
-            await store.close()
-
-    run(main())
-
-
-def test_uploads_in_flight_hold_their_room(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=10 * P)
-        try:
-            up = await store.begin_put("x", 8 * P)
-            with pytest.raises(StorageFull):
-                await put(store, "y", body(1, 4 * P))
-            await up.abort()
-            await put(store, "y", body(1, 4 * P))
-        finally:
-            await store.close()
-
-    run(main())
-
-
-def test_a_full_map_evicts_and_never_leaks_map_full(tmp_path: Path) -> None:
-    async def main() -> None:
-        # max_bytes far above what a 512 KiB map holds: LMDB fills first
-        store = await open_store(tmp_path, max_bytes=1 << 30, map_size=512 * 1024)
-        try:
-            for i in range(40):
-                await put(store, f"k{i}", body(i, 8 * P))
-            stats = await store.stats()
-            assert stats.evictions > 0 and stats.objects == 40 - stats.evictions
-            last = await get(store, "k39", 0, 8 * P)
-            assert last == body(39, 8 * P)
-            with pytest.raises(StorageFull):
-                await put(store, "huge", body(0, 200 * P))
-            await put(store, "after", b"still works")
-        finally:
-            await store.close()
-
-    run(main())
-
-
-# -- readers and versions -----------------------------------------------------------------
-
-
-def test_a_reader_finishes_on_its_version(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=10 * P)
-        try:
-            await put(store, "k", body(1, 5 * P))
-            reader = store.read("k", 0, 5 * P)
-            got = [await reader.__anext__()]
-            await put(store, "k", body(2, 5 * P))  # replaced while read
-            assert await get(store, "k", 0, 5 * P) == body(2, 5 * P)
-            assert await store.delete("k")
-            got.append(await reader.__anext__())
-            # the old version still holds 5 pieces, so 6 do not fit, and nothing is evictable
-            with pytest.raises(StorageFull):
-                await put(store, "big", body(3, 6 * P))
-            got += [piece async for piece in reader]
-            assert b"".join(got) == body(1, 5 * P)
-
-            async def fits() -> bool:
-                try:
-                    await put(store, "big", body(3, 6 * P))
-                except StorageFull:
-                    return False
-                return True
-
-            await eventually(fits)  # freed after the last reader
-        finally:
-            await store.close()
-        assert stored_pieces(tmp_path) == pieces_of(6 * P)
-
-    run(main())
-
-
-def test_objects_being_read_are_not_evicted(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=10 * P)
-        try:
-            await put(store, "old", body(1, 4 * P))
-            await put(store, "new", body(2, 4 * P))
-            reader = store.read("old", 0, 4 * P)
-            first = await reader.__anext__()
-            await store.info("new")  # "old" is least recent again, but being read
-            await put(store, "x", body(3, 4 * P))  # so "new" goes
-            assert await store.contains(["old", "new", "x"]) == [True, False, True]
-            rest = [piece async for piece in reader]
-            assert first + b"".join(rest) == body(1, 4 * P)
-        finally:
-            await store.close()
-
-    run(main())
-
-
-def test_concurrent_puts_and_reads(tmp_path: Path) -> None:
-    rng = random.Random(5)
-    sizes = {f"k{i}": rng.randrange(1, 9 * P) for i in range(24)}
-
-    async def check(store: LmdbStore, key: str, seed: int) -> None:
-        size = sizes[key]
-        start = rng.randrange(size)
-        end = rng.randrange(start, size + 1)
-        got = await get(store, key, start, end)
-        assert got in (body(seed, size)[start:end], body(seed + 1, size)[start:end])
-
-    async def main() -> None:
-        store = await open_store(tmp_path, max_bytes=1 << 22, read_threads=3)
-        try:
-            await asyncio.gather(*(put(store, k, body(i, sizes[k])) for i, k in enumerate(sizes)))
-            work: list[Awaitable[Any]] = []
-            for i, key in enumerate(sizes):
-                work += [check(store, key, i) for _ in range(3)]
-                if i % 3 == 0:  # replace some while they are read
-                    work.append(put(store, key, body(i + 1, sizes[key]), chunk=3000))
-            await asyncio.gather(*work)
-            assert (await store.stats()).bytes == sum(sizes.values())
-        finally:
-            await store.close()
-        assert stored_pieces(tmp_path) == pieces_of(*sizes.values())
-
-    run(main())
-
-
-def test_a_cancelled_commit_keeps_the_books_straight(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        try:
-            up = await store.begin_put("k", 5 * P)
-            await up.write(body(1, 5 * P))
-            commit = asyncio.ensure_future(up.commit(0))
-            await asyncio.sleep(0)
-            commit.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await commit
-            await up.abort()  # waits for the commit, which went through
-            assert await get(store, "k", 0, 5 * P) == body(1, 5 * P)
-            assert (await store.stats()).bytes == 5 * P
         finally:
             await store.close()
 
