@@ -304,12 +304,25 @@ class LynxVLLMConnector(_Base):
         if load.objects is None and not load.failed:
             try:
                 raw = load.fetch.result() if load.fetch is not None else []
-                load.objects = [_sections(data) for data in raw]
+                load.objects = [self._fitting(_sections(data)) for data in raw]
             except StoreFailure as exc:
                 load.failed = True
                 self.store.report_failure("load_failures", "load", exc)
                 self._load_errors.update(load.spec.block_ids)
         return load.objects or []
+
+    def _fitting(self, obj: tuple[Header, list[Section]]) -> tuple[Header, list[Section]]:
+        """``obj`` if it has the registered caches' shape; a chunk of another shape under
+        this model's key (a foreign or buggy writer) raises FormatError: a failed load."""
+        header = obj[0]
+        first = next(iter(self._caches.values()))
+        want = (len(self._caches), (self.chunk_tokens, *first.shape[-2:]))
+        if (header.layers, tuple(header.shape)) != want:
+            raise FormatError(
+                f"a chunk holds {header.layers} layers of {header.shape}; the caches need"
+                f" {want[0]} of {want[1]}"
+            )
+        return obj
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any

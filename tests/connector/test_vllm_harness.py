@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lynxkv.client.sync import Client
-from lynxkv.codec import decode
+from lynxkv.codec import decode, encode
 from lynxkv.connector.vllm import LynxVLLMConnector, Role
 from tests.codec.kvgen import make_kv
 from tests.conftest import running_server
@@ -144,3 +144,32 @@ def test_dead_server_matches_nothing(tmp_path: Path) -> None:
         assert conn.store.stats.lookup_failures == 1
     finally:
         conn.shutdown()
+
+
+def test_chunks_of_another_shape_are_load_errors(tmp_path: Path) -> None:
+    """Objects under the model's keys but of another shape fail the load (its blocks are
+    reported to vLLM, which recomputes them); the cache is not written, nothing raises."""
+    ids = list(range(2000, 2000 + PROMPT))
+    with running_server(tmp_path) as url:
+        sched = LynxVLLMConnector(_config(url), Role.SCHEDULER)
+        worker = LynxVLLMConnector(_config(url), Role.WORKER)
+        try:
+            caches = _caches()
+            worker.register_kv_caches(caches)
+            wrong = make_kv(seed=8, layers=LAYERS, tokens=CHUNK, heads=HEADS + 1, dim=DIM)
+            with Client(url) as client:
+                for key in worker.store.keys(ids, "lynx-a4"):
+                    client.put(key, encode(wrong, "lynx-a4"))
+            r = _request("r", ids)
+            assert sched.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, False)
+            blocks = list(range(20, 20 + -(-PROMPT // BLOCK)))
+            sched.update_state_after_alloc(r, _blocks(blocks), 2 * CHUNK)
+            meta = sched.build_connector_meta(_sched_out("r", ids, blocks, 2 * CHUNK))
+            _step(worker, meta, caches)
+            errors = worker.get_block_ids_with_load_errors()
+            assert set(blocks[: 2 * CHUNK // BLOCK]) <= errors <= set(blocks)  # the load's
+            assert worker.store.stats.load_failures == 1
+            assert not any(layer.any() for layer in caches.values())
+        finally:
+            sched.shutdown()
+            worker.shutdown()
