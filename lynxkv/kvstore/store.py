@@ -1,4 +1,4 @@
-"""The storage protocol every backend implements (LMDB now, Redis Cluster later).
+"""The storage protocol every backend implements (the embedded LMDB, a Redis Cluster).
 
 Who calls what: the server's route handlers, from the event loop. Every method is a
 coroutine and must not block the loop (LMDB runs its calls in an executor). Keys are
