@@ -3,7 +3,7 @@
 :class:`KVConnector` is engine-agnostic: it takes token ids and per-layer numpy KV, and
 talks to a lynxkv server through :class:`~lynxkv.client.AsyncClient` on an event loop
 of its own (a daemon thread), so the engine's thread only blocks where the contract
-below says so. Engine adapters (``lynxkv.connector.transformers``; a vLLM adapter later)
+below says so. Engine adapters (``lynxkv.connector.transformers``, ``lynxkv.connector.vllm``)
 build on it.
 
 Contract
