@@ -315,7 +315,7 @@ def start_cluster_targets(
     check_get("cluster GET a", a[0], paths, objects)
     check_get("cluster GET b", b[0], paths, objects)
     print(f"verified: two lynxkv servers on the cluster {cluster.url} return the objects' bytes")
-    redis = tuple(p for p in cluster.pids())
+    redis = tuple(cluster.pids())
     gets = tuple(Request("GET", path) for path in paths)
     return {
         "cluster GET x1": Target("cluster GET x1", (a[0],), gets, (a[1], *redis)),

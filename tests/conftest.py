@@ -23,13 +23,18 @@ from lynxkv.connector.texts import make_document
 from lynxkv.errors import MissingDependency
 
 
+def model_or_skip(dtype: str) -> LoadedModel:
+    """SmolLM2-135M-Instruct in ``dtype`` on the CPU; skips where the engine extra is missing."""
+    try:
+        return load_model(dtype=dtype, device="cpu")
+    except MissingDependency as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="session")
 def smollm() -> LoadedModel:
     """SmolLM2-135M-Instruct in bf16 on the CPU; skips where the engine extra is missing."""
-    try:
-        return load_model(dtype="bfloat16", device="cpu")
-    except MissingDependency as exc:
-        pytest.skip(str(exc))
+    return model_or_skip("bfloat16")
 
 
 @pytest.fixture(scope="session")

@@ -123,12 +123,11 @@ class _Prefix:
         self._anchors: list[Any] = []  # lynxkv.gpu.AnchorCache per chunk
 
     def _misfit(self, what: str) -> bool:
-        self.handle.fail("load (shape)", FormatError(f"{what}; the model needs {self._want()}"))
-        return True
-
-    def _want(self) -> str:
+        """Fail the load for ``what`` was found; True."""
         layers, shape = self.expect
-        return f"{layers} layers of {shape} per chunk"
+        want = f"{layers} layers of {shape} per chunk"
+        self.handle.fail("load (shape)", FormatError(f"{what}; the model needs {want}"))
+        return True
 
     def _headers_misfit(self, chunks: Sequence[KeySections]) -> bool:
         """Whether a chunk's header is not the model's shape (a chunk of another model or

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from lynxkv.connector.base import LoadHandle
-from lynxkv.connector.model import LoadedModel, load_model
+from lynxkv.connector.model import LoadedModel
 from lynxkv.connector.speculative import accept_drafts
 from lynxkv.connector.transformers import TransformersEngine
-from lynxkv.errors import MissingDependency
-from tests.conftest import running_server
+from tests.conftest import model_or_skip, running_server
 from tests.connector.test_engine import chat_ids
 
 EOS = {2}
@@ -50,10 +49,7 @@ def test_accept_drafts_needs_one_more_target() -> None:
 
 @pytest.fixture(scope="module")
 def smollm_f32() -> LoadedModel:
-    try:
-        return load_model(dtype="float32", device="cpu")
-    except MissingDependency as exc:
-        pytest.skip(str(exc))
+    return model_or_skip("float32")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ server, real paged CPU tensors, minimal stand-ins for vLLM's request objects."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,67 +71,76 @@ def _step(worker: LynxVLLMConnector, meta: Any, caches: dict[str, torch.Tensor])
     worker.clear_connector_metadata()
 
 
-def test_save_then_load_through_the_call_order(tmp_path: Path) -> None:
-    ids = list(range(1000, 1000 + PROMPT))
-    kv = make_kv(seed=7, layers=LAYERS, tokens=PROMPT, heads=HEADS, dim=DIM, dtype="f32")
+@contextlib.contextmanager
+def _connectors(
+    tmp_path: Path,
+) -> Iterator[tuple[str, LynxVLLMConnector, LynxVLLMConnector, dict[str, torch.Tensor]]]:
+    """A real server, a scheduler-side and a worker-side connector on it, and the worker's
+    registered caches; both connectors are shut down on exit."""
     with running_server(tmp_path) as url:
         sched = LynxVLLMConnector(_config(url), Role.SCHEDULER)
         worker = LynxVLLMConnector(_config(url), Role.WORKER)
         try:
             caches = _caches()
             worker.register_kv_caches(caches)
-
-            # request 1: nothing stored; its prefill (simulated) fills blocks 3..13
-            r1 = _request("r1", ids)
-            assert sched.get_num_new_matched_tokens(r1, 0) == (0, False)
-            b1 = list(range(3, 3 + -(-PROMPT // BLOCK)))
-            sched.update_state_after_alloc(r1, _blocks(b1), 0)
-            meta = sched.build_connector_meta(_sched_out("r1", ids, b1, 0))
-            assert not meta.loads and [s.tokens for s in meta.saves] == [2 * CHUNK]
-            s1 = _slots(b1, PROMPT)
-            for (k, v), layer in zip(kv, caches.values(), strict=True):
-                layer[0, s1 // BLOCK, s1 % BLOCK] = torch.from_numpy(k)
-                layer[1, s1 // BLOCK, s1 % BLOCK] = torch.from_numpy(v)
-            _step(worker, meta, caches)
-            assert sched.request_finished(r1, b1) == (False, None)
-            assert worker.get_finished({"r1"}) == (None, None)
-            assert worker.store.stats.chunks_saved == 2
-
-            # request 2: same prompt, other blocks; the two full chunks load
-            r2 = _request("r2", ids)
-            assert sched.get_num_new_matched_tokens(r2, 0) == (2 * CHUNK, False)
-            b2 = list(range(40, 40 + -(-PROMPT // BLOCK)))
-            sched.update_state_after_alloc(r2, _blocks(b2), 2 * CHUNK)
-            meta = sched.build_connector_meta(_sched_out("r2", ids, b2, 2 * CHUNK))
-            assert [(s.start, s.end) for s in meta.loads] == [(0, 2 * CHUNK)] and not meta.saves
-            for layer in caches.values():
-                layer[:, 40:] = 0
-            _step(worker, meta, caches)
-            assert worker.get_finished({"r2"}) == (None, None)
-
-            # the cache at r2's slots equals lynxkv's full decode of the stored objects
-            keys = worker.store.keys(ids, "lynx-a4")
-            with Client(url) as client:
-                raw = [client.get(key) for key in keys]
-            objs = [decode(data).kv for data in raw]
-            anchors = [decode(data, "anchor").kv for data in raw]
-            s2 = _slots(b2, 2 * CHUNK)
-            for i, layer in enumerate(caches.values()):
-                for kv_i in (0, 1):
-                    want = np.concatenate([o[i][kv_i] for o in objs])
-                    got = layer[kv_i, s2 // BLOCK, s2 % BLOCK].numpy()
-                    np.testing.assert_array_equal(got, want)
-                    # refined: closer to the source than the 4-bit anchor alone
-                    src = kv[i][kv_i][: 2 * CHUNK]
-                    anchor = np.concatenate([o[i][kv_i] for o in anchors])
-                    assert np.abs(got - src).max() < np.abs(anchor - src).max()
-                # the uncached tail is untouched
-                tail = _slots(b2, PROMPT)[2 * CHUNK :]
-                assert not layer[:, tail // BLOCK, tail % BLOCK].any()
-            assert worker.get_block_ids_with_load_errors() == set()
+            yield url, sched, worker, caches
         finally:
             sched.shutdown()
             worker.shutdown()
+
+
+def test_save_then_load_through_the_call_order(tmp_path: Path) -> None:
+    ids = list(range(1000, 1000 + PROMPT))
+    kv = make_kv(seed=7, layers=LAYERS, tokens=PROMPT, heads=HEADS, dim=DIM, dtype="f32")
+    with _connectors(tmp_path) as (url, sched, worker, caches):
+        # request 1: nothing stored; its prefill (simulated) fills blocks 3..13
+        r1 = _request("r1", ids)
+        assert sched.get_num_new_matched_tokens(r1, 0) == (0, False)
+        b1 = list(range(3, 3 + -(-PROMPT // BLOCK)))
+        sched.update_state_after_alloc(r1, _blocks(b1), 0)
+        meta = sched.build_connector_meta(_sched_out("r1", ids, b1, 0))
+        assert not meta.loads and [s.tokens for s in meta.saves] == [2 * CHUNK]
+        s1 = _slots(b1, PROMPT)
+        for (k, v), layer in zip(kv, caches.values(), strict=True):
+            layer[0, s1 // BLOCK, s1 % BLOCK] = torch.from_numpy(k)
+            layer[1, s1 // BLOCK, s1 % BLOCK] = torch.from_numpy(v)
+        _step(worker, meta, caches)
+        assert sched.request_finished(r1, b1) == (False, None)
+        assert worker.get_finished({"r1"}) == (None, None)
+        assert worker.store.stats.chunks_saved == 2
+
+        # request 2: same prompt, other blocks; the two full chunks load
+        r2 = _request("r2", ids)
+        assert sched.get_num_new_matched_tokens(r2, 0) == (2 * CHUNK, False)
+        b2 = list(range(40, 40 + -(-PROMPT // BLOCK)))
+        sched.update_state_after_alloc(r2, _blocks(b2), 2 * CHUNK)
+        meta = sched.build_connector_meta(_sched_out("r2", ids, b2, 2 * CHUNK))
+        assert [(s.start, s.end) for s in meta.loads] == [(0, 2 * CHUNK)] and not meta.saves
+        for layer in caches.values():
+            layer[:, 40:] = 0
+        _step(worker, meta, caches)
+        assert worker.get_finished({"r2"}) == (None, None)
+
+        # the cache at r2's slots equals lynxkv's full decode of the stored objects
+        keys = worker.store.keys(ids, "lynx-a4")
+        with Client(url) as client:
+            raw = [client.get(key) for key in keys]
+        objs = [decode(data).kv for data in raw]
+        anchors = [decode(data, "anchor").kv for data in raw]
+        s2 = _slots(b2, 2 * CHUNK)
+        for i, layer in enumerate(caches.values()):
+            for kv_i in (0, 1):
+                want = np.concatenate([o[i][kv_i] for o in objs])
+                got = layer[kv_i, s2 // BLOCK, s2 % BLOCK].numpy()
+                np.testing.assert_array_equal(got, want)
+                # refined: closer to the source than the 4-bit anchor alone
+                src = kv[i][kv_i][: 2 * CHUNK]
+                anchor = np.concatenate([o[i][kv_i] for o in anchors])
+                assert np.abs(got - src).max() < np.abs(anchor - src).max()
+            # the uncached tail is untouched
+            tail = _slots(b2, PROMPT)[2 * CHUNK :]
+            assert not layer[:, tail // BLOCK, tail % BLOCK].any()
+        assert worker.get_block_ids_with_load_errors() == set()
 
 
 def test_dead_server_matches_nothing(tmp_path: Path) -> None:
@@ -150,26 +161,18 @@ def test_chunks_of_another_shape_are_load_errors(tmp_path: Path) -> None:
     """Objects under the model's keys but of another shape fail the load (its blocks are
     reported to vLLM, which recomputes them); the cache is not written, nothing raises."""
     ids = list(range(2000, 2000 + PROMPT))
-    with running_server(tmp_path) as url:
-        sched = LynxVLLMConnector(_config(url), Role.SCHEDULER)
-        worker = LynxVLLMConnector(_config(url), Role.WORKER)
-        try:
-            caches = _caches()
-            worker.register_kv_caches(caches)
-            wrong = make_kv(seed=8, layers=LAYERS, tokens=CHUNK, heads=HEADS + 1, dim=DIM)
-            with Client(url) as client:
-                for key in worker.store.keys(ids, "lynx-a4"):
-                    client.put(key, encode(wrong, "lynx-a4"))
-            r = _request("r", ids)
-            assert sched.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, False)
-            blocks = list(range(20, 20 + -(-PROMPT // BLOCK)))
-            sched.update_state_after_alloc(r, _blocks(blocks), 2 * CHUNK)
-            meta = sched.build_connector_meta(_sched_out("r", ids, blocks, 2 * CHUNK))
-            _step(worker, meta, caches)
-            errors = worker.get_block_ids_with_load_errors()
-            assert set(blocks[: 2 * CHUNK // BLOCK]) <= errors <= set(blocks)  # the load's
-            assert worker.store.stats.load_failures == 1
-            assert not any(layer.any() for layer in caches.values())
-        finally:
-            sched.shutdown()
-            worker.shutdown()
+    with _connectors(tmp_path) as (url, sched, worker, caches):
+        wrong = make_kv(seed=8, layers=LAYERS, tokens=CHUNK, heads=HEADS + 1, dim=DIM)
+        with Client(url) as client:
+            for key in worker.store.keys(ids, "lynx-a4"):
+                client.put(key, encode(wrong, "lynx-a4"))
+        r = _request("r", ids)
+        assert sched.get_num_new_matched_tokens(r, 0) == (2 * CHUNK, False)
+        blocks = list(range(20, 20 + -(-PROMPT // BLOCK)))
+        sched.update_state_after_alloc(r, _blocks(blocks), 2 * CHUNK)
+        meta = sched.build_connector_meta(_sched_out("r", ids, blocks, 2 * CHUNK))
+        _step(worker, meta, caches)
+        errors = worker.get_block_ids_with_load_errors()
+        assert set(blocks[: 2 * CHUNK // BLOCK]) <= errors <= set(blocks)  # the load's
+        assert worker.store.stats.load_failures == 1
+        assert not any(layer.any() for layer in caches.values())
