@@ -88,7 +88,7 @@ def _use_gpu(backend: Backend, dest: Destination, header: Header) -> bool:
     from lynxkv.gpu import device
 
     device.cupy()  # MissingDependency when the GPU path was asked for explicitly
-    ok = device.supported(header.head_dim, base, dest.row_off, dest.stride_h, dest.stride_d)
+    ok = device.supported(header.head_dim, base, dest.rows, dest.stride_h, dest.stride_d)
     if not ok and backend == "cupy":
         raise CodecError(
             "the GPU kernels need CUDA tensors, head_dim % 8 == 0, a contiguous dim axis "
@@ -241,7 +241,7 @@ def _launch(dest: Destination, header: Header, jobs: list[tuple[Section, int, in
             make_plan(spec, kv, t, heads, dim),
             header.shape,
             table,
-            dest.row_off,
+            dest.rows,
             dest.base(0, kv).dtype,
             dest.stride_h,
             full,

@@ -19,9 +19,15 @@ both layouts and three output types. Design for memory bandwidth (docs: bench/gp
 * lookup tables (signed level per field index, u8 mu and sigma) live in shared memory;
 * outputs go out as explicit 16-byte global stores (``st.global``: the destination comes
   from the job table, so the compiler would emit generic stores);
-* the destination row of each token comes from ``row_off`` (``-1``: skip), so one
-  kernel writes the ``hnd`` layout (a token offset) and vLLM's ``paged`` layout
-  (``slot_mapping``) alike.
+* the destination row of each token (``-1``: skip) is computed for the ``hnd`` layout
+  (``row0 + t * step``: no loads, no registers held) and read from an int32 table in
+  16-byte units for vLLM's ``paged`` layout (``slot_mapping``), or from the int64
+  table (``row_off``) when the slots do not fit int32 units: one kernel writes both
+  layouts. With int64 rows held in registers the full K kernel spilled at the
+  80-register cap; the two cheaper forms spill nothing there and took refine from
+  0.74-0.75 to 0.80-0.82 of copy bandwidth (bench/results/gpu-variants.txt);
+* 2- and 4-bit fields are one 16- or 32-bit load per token, 6-bit fields three 16-bit
+  loads (six byte loads before: lynx-a2 refine 0.58 -> 0.67).
 
 Arithmetic: float32 with explicit round-to-nearest intrinsics (``__fadd_rn``,
 ``__fmul_rn``) so that the compiler contracts nothing into an FMA: each value is
@@ -29,19 +35,35 @@ computed by the same float32 operations, in the same order, as the numpy referen
 (``lynxkv.gpu.tables`` states them), hence bit-identical before the final rounding to
 bf16 / fp16 (round-to-nearest-even, as torch's ``.to``).
 
-Tuning (H200, lynx-a4 bf16, 2026-11-30, each variant checked bit for bit before timing,
-side by side with the previous kernel on the same data): the previous kernel ran at
-decode 0.50-0.56 / refine 0.38-0.39 of copy bandwidth, this one at 0.67 / 0.62
-(uniform-a4 0.43 / 0.41 against 0.58 / 0.60; paged 0.50 / 0.38 against 0.60 / 0.57).
-Variants of this kernel: 3 blocks of 256 per SM (80 registers) is best; 2 blocks gave
-0.61 / 0.59, 16 tokens per thread 0.65 / 0.53, 4 tokens with 4 blocks 0.63 / 0.55;
-streaming stores (``-DSTORE_CS=1``, ``st.global.cs``) 0.55 / 0.52 for lynx-a4 (equal
-for uniform-a4). The target (0.75) is not reached yet: see bench/results/gpu.txt.
+Tuning (H200, bf16, 2026-11-30; bench/gpu_variants.py times compiled variants side by
+side, each checked bit for bit first; GPU time of the launches alone): this kernel runs
+at 0.84-0.91 of copy bandwidth for decode_anchor and 0.80-0.86 for refine_residual
+(lynx-a2's refine 0.64-0.67); a bare streaming kernel with the same mix of reads and
+writes reaches 0.94-0.96, and this kernel with its arithmetic and table lookups removed
+(``-DSKELETON=1``) 0.93-0.99 (lynx-a2 refine 0.83). Kept: 3 blocks of 256 per SM (80
+registers), 8 tokens a thread. Measured against it and not kept: 2 blocks (-0.10 to
++0.01), 4 tokens with 4 blocks (-0.08 to +0.02), 16 tokens with 2 blocks (-0.12 to
++0.02), streaming stores (``-DSTORE_CS=1``: equal to -0.02), threads in the hnd
+destination's order (-0.04), predicated stores (equal), 32 bank-spread copies of the
+256-entry table (refine -0.06), a persistent grid loading one item ahead (it spilled;
+0.55 against 0.63 under the earlier timing). Earlier figures for this kernel
+(0.49-0.67) timed the host's launch work too (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-__all__ = ["MIN_BLOCKS", "SOURCE", "TOKENS_PER_THREAD", "kernel_name"]
+__all__ = [
+    "MIN_BLOCKS",
+    "ROWS_AFFINE",
+    "ROWS_TABLE",
+    "ROWS_UNITS",
+    "SOURCE",
+    "TOKENS_PER_THREAD",
+    "kernel_name",
+]
+
+#: How the kernel finds each token's destination row (the template's ROWS).
+ROWS_TABLE, ROWS_AFFINE, ROWS_UNITS = 0, 1, 2
 
 #: Resident 256-thread blocks per SM the kernel is compiled for (caps its registers).
 MIN_BLOCKS = 3
@@ -62,7 +84,16 @@ SOURCE = r"""
 #ifndef STORE_CS
 #define STORE_CS 0  // 1: streaming (evict-first) stores
 #endif
+#ifndef SKELETON
+#define SKELETON 0  // 1 (bench/gpu_variants.py only): loads and stores, no table or arithmetic
+#endif
 #define EPS 1e-6f  // lynxkv.codec.codes.EPS, float32
+
+#define ROWS_TABLE 0
+#define ROWS_AFFINE 1
+#define ROWS_UNITS 2
+template <int ROWS> struct RowOf { typedef long long type; };
+template <> struct RowOf<ROWS_UNITS> { typedef int type; };
 
 struct Job {
     // device addresses: anchor payload, residual payload (0 for anchor-only), the
@@ -78,8 +109,9 @@ template <> struct WordOf<true> { typedef unsigned int type; };
 template <int BITS>
 struct Fields {
     typedef typename WordOf<(BITS <= 4)>::type Word;
-    // one 32- or 16-bit load for 4- and 2-bit fields when the address allows it
-    static constexpr bool WIDE = BITS == 4 || BITS == 2;
+    // 4-bit fields: one 32-bit load; 2-bit: one 16-bit load; 6-bit: three 16-bit loads,
+    // when the address allows it (every token's stride keeps the first one's alignment)
+    static constexpr bool WIDE = BITS == 4 || BITS == 2 || BITS == 6;
 
     static __device__ __forceinline__ bool aligned(const unsigned char* p) {
         return WIDE && ((size_t)p & (BITS == 4 ? 3 : 1)) == 0;
@@ -89,6 +121,12 @@ struct Fields {
     static __device__ __forceinline__ Word load(const unsigned char* p) {
         if (ALIGNED && BITS == 4) return __ldg((const unsigned int*)p);
         if (ALIGNED && BITS == 2) return __ldg((const unsigned short*)p);
+        if constexpr (BITS == 6) {  // three 16-bit loads instead of six byte loads
+            if (ALIGNED) {
+                const unsigned short* q = (const unsigned short*)p;
+                return (Word)__ldg(q) | (Word)__ldg(q + 1) << 16 | (Word)__ldg(q + 2) << 32;
+            }
+        }
         Word w = 0;  // odd widths, or a short last tensor's unaligned codes: byte by byte
 #pragma unroll
         for (int i = 0; i < BITS; ++i) w |= (Word)__ldg(p + i) << (8 * i);
@@ -218,13 +256,18 @@ __device__ __forceinline__ void level_indices(AW a, RW r, unsigned int* idx) {
 // PAGE: lynx (page stage g_min/g_scale); BY_TOKEN: chunk metadata [T, H] (else [Q, C]);
 // U8: chunk metadata fields are u8 looked up in tables (else f16); FULL: anchor and
 // residual (field index = anchor << RBITS | residual), else the anchor alone.
-template <typename OutT, int ABITS, int RBITS, bool FULL, bool PAGE, bool BY_TOKEN, bool U8>
+// ROWS: where token t's row starts (element offset from the job's destination; -1 skips
+// the token): ROWS_TABLE: ``row_off[t]`` (int64); ROWS_AFFINE: ``row0 + t * row_step``
+// (the hnd layout: computed, no loads and no registers held); ROWS_UNITS:
+// ``((const int*)row_off)[t]`` in 16-byte units (vLLM's slots: half the registers).
+template <typename OutT, int ABITS, int RBITS, bool FULL, bool PAGE, bool BY_TOKEN, bool U8,
+          int ROWS>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     const Job* __restrict__ jobs, const long long* __restrict__ row_off,
     const float* __restrict__ tables,  // [3][256]: level, u8 mu, u8 sigma
     int T, int H, int D, int chunk_tokens, int page_tokens,
     long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
-    long long stride_h, int items_per_job) {
+    long long stride_h, int items_per_job, long long row0, long long row_step) {
     __shared__ float s_lev[256];
     __shared__ float s_mu[U8 ? 256 : 1];
     __shared__ float s_sig[U8 ? 256 : 1];
@@ -259,9 +302,13 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
 #pragma unroll
         for (int j = 0; j < TPT; ++j) rf[j] = 0;
     }
-    long long ro[TPT];
+    constexpr bool AFFINE = ROWS == ROWS_AFFINE;
+    typename RowOf<ROWS>::type ro[TPT];
 #pragma unroll
-    for (int j = 0; j < TPT; ++j) ro[j] = j < n ? __ldg(row_off + t0 + j) : -1;
+    for (int j = 0; j < TPT; ++j) {
+        if (ROWS == ROWS_TABLE) ro[j] = j < n ? __ldg(row_off + t0 + j) : -1;
+        if (ROWS == ROWS_UNITS) ro[j] = j < n ? __ldg((const int*)row_off + t0 + j) : -1;
+    }
     unsigned char tmu[TPT], tsig[TPT];  // BY_TOKEN && U8: the token's fields
     __half hmu[TPT], hsig[TPT];         // BY_TOKEN && !U8
     if (BY_TOKEN) {
@@ -341,6 +388,12 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
         for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
     }
     OutT* dst = (OutT*)jb.dst + h * stride_h + (c0 - h * D);
+    if (AFFINE) dst += row0 + (long long)t0 * row_step;  // row j: j * row_step further
+    // token j's row offset from dst (-1: skip)
+    auto row = [&](int j) -> long long {
+        if (ROWS == ROWS_UNITS) return (long long)ro[j] * (16 / sizeof(OutT));
+        return AFFINE ? j * row_step : (long long)ro[j];
+    };
     // token j's 8 values from its fields and the current metadata
     auto values = [&](int j, float* v) {
         if (BY_TOKEN) {  // one value for the head's D channels
@@ -357,8 +410,10 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const unsigned int idx = lev_idx[i];
-            const float lev = s_lev[idx];
-            if (PAGE) {  // xn = mu + (sigma + EPS) * y;  x = g_min + (g_scale + EPS) * xn
+            const float lev = SKELETON ? 0.0f : s_lev[idx];
+            if (SKELETON) {  // bench only: the memory traffic without lookups or arithmetic
+                v[i] = __uint_as_float(idx);
+            } else if (PAGE) {  // xn = mu + (sigma + EPS) * y;  x = g_min + (g_scale + EPS) * xn
                 const float xn = __fadd_rn(cmu[i], __fmul_rn(csig[i], lev));
                 v[i] = __fadd_rn(pmin[i], __fmul_rn(pscl[i], xn));
             } else {  // x = min + (u / 255) * (scale + EPS)
@@ -373,7 +428,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
         for (int j = 0; j < TPT; ++j) {
             float v[8];
             values(j, v);
-            if (ro[j] >= 0) store8(dst + ro[j], v);  // paged: slot -1 is skipped
+            if (AFFINE || ro[j] >= 0) store8(dst + row(j), v);  // paged: slot -1 skipped
         }
         return;
     }
@@ -381,7 +436,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     for (int j = 0; j < TPT; ++j) {
         const int t = t0 + j;
         if (j >= n) break;
-        if (ro[j] < 0) continue;
+        if (!AFFINE && ro[j] < 0) continue;
         if (PAGE && t >= page_end) {
             const int page = t / page_tokens;
             page_end = (page + 1) * page_tokens;
@@ -395,15 +450,23 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
         }
         float v[8];
         values(j, v);
-        store8(dst + ro[j], v);
+        store8(dst + row(j), v);
     }
 }
 """
 
 
 def kernel_name(
-    out: str, a_bits: int, r_bits: int, full: bool, page: bool, by_token: bool, u8: bool
+    out: str,
+    a_bits: int,
+    r_bits: int,
+    full: bool,
+    page: bool,
+    by_token: bool,
+    u8: bool,
+    rows: int = ROWS_TABLE,
 ) -> str:
-    """The C++ name of one instantiation (``out``: ``float``, ``__nv_bfloat16``, ``__half``)."""
+    """The C++ name of one instantiation (``out``: ``float``, ``__nv_bfloat16``, ``__half``;
+    ``rows``: ``ROWS_TABLE``, ``ROWS_AFFINE`` or ``ROWS_UNITS``)."""
     flags = ", ".join("true" if f else "false" for f in (full, page, by_token, u8))
-    return f"dequant<{out}, {a_bits}, {r_bits}, {flags}>"
+    return f"dequant<{out}, {a_bits}, {r_bits}, {flags}, {rows}>"

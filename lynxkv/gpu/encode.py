@@ -336,9 +336,9 @@ def launch_encode(
     ``encode_tables.ALIGN``-aligned) of one K|V kind and [T, H, D] ``shape``; ``strides``
     are the sources' token and head strides in elements. ORs input problems into
     ``status`` (int32: 1 NaN or inf, 2 too large). On torch's current stream."""
-    from lynxkv.gpu.device import _stream, cupy
+    from lynxkv.gpu.device import _stream, cupy, ptr
 
-    cp = cupy()
+    cupy()  # MissingDependency, naming the install command, without CuPy
     t, heads, dim = shape
     lynx = spec.kind == "lynx"
     by_token = (
@@ -363,8 +363,8 @@ def launch_encode(
     block = _block_tokens(spec)
     alpha = spec.alpha(kv)
     fixed = (
-        cp.from_dlpack(_tables(spec, kv, jobs.device.index or 0)),
-        cp.from_dlpack(status),
+        ptr(_tables(spec, kv, jobs.device.index or 0)),
+        ptr(status),
         np.int32(t),
         np.int32(heads),
         np.int32(block),
@@ -383,4 +383,4 @@ def launch_encode(
         for start in range(0, jobs.shape[0], MAX_GRID_Z):
             part = jobs[start : start + MAX_GRID_Z]
             grid = (heads, -(-t // block), part.shape[0])
-            kernel(grid, (block,), (cp.from_dlpack(part), *fixed), shared_mem=smem)
+            kernel(grid, (block,), (ptr(part), *fixed), shared_mem=smem)

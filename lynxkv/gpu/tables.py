@@ -17,6 +17,7 @@ where ``lev`` is :func:`level_table` (the signed ``y`` of lynx, ``u / 255`` of u
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,8 +87,10 @@ class Plan:
     off_codes: int
 
 
+@functools.lru_cache(maxsize=256)
 def make_plan(spec: CodecSpec, kv: KV, t: int, heads: int, dim: int) -> Plan:
-    """The kernel's view of a lynx or uniform anchor payload of a [T, H, D] tensor."""
+    """The kernel's view of a lynx or uniform anchor payload of a [T, H, D] tensor
+    (cached: it is asked for at every launch)."""
     if spec.kind == "lynx":
         layout = lynx.meta_layout(spec, kv, t, heads, dim)
     elif spec.kind == "uniform":

@@ -7,7 +7,9 @@
 
 Both reduce to one rule the kernels and the torch fallback share: a base tensor per
 (layer, K|V), the element offset of each token's row (``row_off``, -1: skip), and the
-strides of the head and dim axes.
+strides of the head and dim axes. The kernel gets the rows in its cheapest form
+(``Rows``): hnd rows as arithmetic, vLLM's slots as an int32 table in 16-byte units
+when they fit one.
 """
 
 from __future__ import annotations
@@ -19,11 +21,29 @@ from typing import Any, Literal
 import torch
 
 from lynxkv.errors import CodecError
+from lynxkv.gpu.cuda_source import ROWS_AFFINE, ROWS_TABLE, ROWS_UNITS
 
-__all__ = ["Destination", "Layout", "destination"]
+__all__ = ["Destination", "Layout", "Rows", "destination"]
 
 Layout = Literal["hnd", "paged"]
 _KV_INDEX = {"k": 0, "v": 1}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """How the kernel finds token t's row (element offset from a base; -1 skips t).
+
+    ``mode`` is ``cuda_source.ROWS_*``: ``ROWS_AFFINE``: ``row0 + t * step``;
+    ``ROWS_UNITS``: ``table[t]`` (int32) times 16 bytes; ``ROWS_TABLE``: ``table[t]``
+    (int64 elements). ``aligned``: every row starts on 16 bytes (known from the strides,
+    without reading the table back from the device).
+    """
+
+    mode: int
+    table: torch.Tensor
+    row0: int = 0
+    step: int = 0
+    aligned: bool = True
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,8 @@ class Destination:
     token_offset: int
     stride_h: int
     stride_d: int
+    #: the rows as the kernel reads them
+    rows: Rows
 
     def base(self, layer: int, kv: str) -> torch.Tensor:
         return self.bases[layer][_KV_INDEX[kv]]
@@ -88,6 +110,10 @@ def destination(
         row_off = rows * first.stride(1)
         slots = None
         stride_h, stride_d = first.stride(0), first.stride(2)
+        step = first.stride(1)
+        kernel_rows = Rows(
+            ROWS_AFFINE, row_off, token_offset * step, step, step % _per16(first) == 0
+        )
     elif layout == "paged":
         _check(slot_mapping is not None, "the paged layout needs a slot_mapping")
         assert slot_mapping is not None
@@ -105,6 +131,14 @@ def destination(
         offsets = (slots // block) * first.stride(0) + (slots % block) * first.stride(1)
         row_off = torch.where(slots >= 0, offsets, torch.full_like(slots, -1))
         stride_h, stride_d = first.stride(2), first.stride(3)
+        per16 = _per16(first)
+        aligned = first.stride(0) % per16 == 0 and first.stride(1) % per16 == 0
+        last = sum((n - 1) * st for n, st in zip(first.shape, first.stride(), strict=True))
+        if aligned and last // per16 < 2**31 - 1:
+            units = torch.where(slots >= 0, offsets // per16, torch.full_like(slots, -1))
+            kernel_rows = Rows(ROWS_UNITS, units.to(torch.int32), aligned=True)
+        else:
+            kernel_rows = Rows(ROWS_TABLE, row_off, aligned=aligned)
     else:
         raise CodecError(f"layout must be 'hnd' or 'paged', got {layout!r}")
     for pair in bases:
@@ -119,7 +153,12 @@ def destination(
         first.dtype in (torch.bfloat16, torch.float16, torch.float32),
         f"out must be bfloat16, float16 or float32, got {first.dtype}",
     )
-    return Destination(layout, bases, row_off, slots, token_offset, stride_h, stride_d)
+    return Destination(layout, bases, row_off, slots, token_offset, stride_h, stride_d, kernel_rows)
+
+
+def _per16(x: torch.Tensor) -> int:
+    """Elements of ``x``'s dtype in 16 bytes."""
+    return max(1, 16 // x.element_size())
 
 
 def _hnd_pair(pair: Any, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,9 @@ from lynxkv.codec.container import Header
 from lynxkv.codec.sections import decode_tensor, encode_tensor
 from lynxkv.errors import CodecError, FormatError, MissingDependency
 from lynxkv.gpu import Backend, Layout, decode_anchor, gpu_available, refine_residual
+from lynxkv.gpu.cuda_source import ROWS_AFFINE, ROWS_TABLE, ROWS_UNITS
 from lynxkv.gpu.tables import emulate
+from lynxkv.gpu.targets import Rows, destination
 from tests.codec.kvgen import make_kv
 
 PRESETS = sorted(CODECS)
@@ -210,6 +212,29 @@ def test_bad_arguments_are_codec_errors() -> None:
         refine_residual(residual, target.out, "hnd", anchors=cache)
 
 
+def test_rows_reach_the_kernel_in_their_cheapest_form() -> None:
+    """hnd rows as arithmetic, vLLM slots as int32 16-byte units, both decided from the
+    strides without reading the table back; a cache whose rows cannot all be 16-byte
+    aligned keeps the int64 table and is not for the kernel."""
+    hnd = [tuple(torch.zeros(1, 4, 90, 64, dtype=torch.bfloat16) for _ in "kv")]
+    dest = destination(hnd, "hnd", layers=1, tokens=20, heads=4, dim=64, token_offset=7)
+    assert (dest.rows.mode, dest.rows.row0, dest.rows.step) == (ROWS_AFFINE, 7 * 64, 64)
+    assert dest.rows.aligned
+    assert torch.equal(dest.row_off, dest.rows.row0 + torch.arange(20) * dest.rows.step)
+    slots = torch.tensor([5, -1, 0, 47, 16], dtype=torch.int64)
+    for dtype, per16 in ((torch.bfloat16, 8), (torch.float32, 4)):
+        paged = [torch.zeros(2, 3, 16, 4, 64, dtype=dtype)]
+        dest = destination(paged, "paged", layers=1, tokens=5, heads=4, dim=64, slot_mapping=slots)
+        assert dest.rows.mode == ROWS_UNITS and dest.rows.table.dtype == torch.int32
+        want = torch.where(slots >= 0, dest.row_off // per16, -1)
+        assert torch.equal(dest.rows.table.to(torch.int64), want)
+        assert bool((dest.row_off[slots >= 0] % per16 == 0).all())
+    odd = torch.zeros(2, 3, 16, 4, 65, dtype=torch.bfloat16)[..., :64]  # rows 65 apart
+    dest = destination([odd], "paged", layers=1, tokens=5, heads=4, dim=64, slot_mapping=slots)
+    assert dest.rows.mode == ROWS_TABLE and not dest.rows.aligned
+    assert torch.equal(dest.rows.table, dest.row_off)
+
+
 # -- the CuPy kernels (GPU machine) ----------------------------------------------------------
 
 
@@ -249,6 +274,25 @@ def test_refine_equals_one_shot_after_small_batches() -> None:
     )
     refine_residual(residuals, a.out, "paged", anchors=cache, batch_bytes=1, **a.kwargs)
     _check(a, _reference(header, sections, "full"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layout", ["hnd", "paged"])
+def test_int64_row_table_writes_the_same_rows(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int64 row table (slots beyond int32 units, or rows the strides cannot prove
+    aligned) through the same kernels: every row lands where the cheaper forms put it."""
+    import lynxkv.gpu.api as api
+
+    def table_rows(*args: Any, **kwargs: Any) -> Any:
+        dest = destination(*args, **kwargs)
+        return dataclasses.replace(dest, rows=Rows(ROWS_TABLE, dest.row_off))
+
+    monkeypatch.setattr(api, "destination", table_rows)
+    _roundtrip("lynx-a4", layout, "bf16", 300, "cupy", "cuda")
+    _roundtrip("uniform-a4", layout, "f16", 37, "cupy", "cuda")
 
 
 @pytest.mark.gpu
