@@ -43,11 +43,12 @@ writes reaches 0.94-0.96, and this kernel with its arithmetic and table lookups 
 (``-DSKELETON=1``) 0.93-0.99 (lynx-a2 refine 0.83). Kept: 3 blocks of 256 per SM (80
 registers), 8 tokens a thread. Measured against it and not kept: 2 blocks (-0.10 to
 +0.01), 4 tokens with 4 blocks (-0.08 to +0.02), 16 tokens with 2 blocks (-0.12 to
-+0.02), streaming stores (``-DSTORE_CS=1``: equal to -0.02), threads in the hnd
-destination's order (-0.04), predicated stores (equal), 32 bank-spread copies of the
-256-entry table (refine -0.06), a persistent grid loading one item ahead (it spilled;
-0.55 against 0.63 under the earlier timing). Earlier figures for this kernel
-(0.49-0.67) timed the host's launch work too (docs/benchmarks.md).
++0.06, mostly negative), streaming stores (``-DSTORE_CS=1``: equal to -0.02), threads
+in the hnd destination's order (-0.02 to -0.05), predicated stores (within 0.01), 32
+bank-spread copies of the 256-entry table (refine -0.01 to -0.06), a persistent grid
+loading one item ahead (it spilled; 0.55 against 0.63 under the earlier timing).
+Earlier figures for this kernel (0.49-0.67) timed the host's launch work too
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -24,10 +24,13 @@ in token order, to add in numpy's order).
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
 
-Measured (H200, bench/gpu.py, 2026-11-30): 0.20 of copy bandwidth for lynx-a4, 0.41 for
-uniform-a4, 0.18 for lynx-a4-paper (0.14, 0.28, 0.12 before ``div_fast``; uniform 0.40
-before ``rint_small``), with no field differing from numpy's on the sampled sections; the
-target is 0.60 (docs/benchmarks.md has the reading and what to try next).
+Measured (H200, bench/gpu.py, 2026-11-30 09:38 UTC, GPU time of the launches): 0.22 of
+copy bandwidth for lynx-a4, 0.47 for uniform-a4, 0.20 for lynx-a4-paper, with no field
+differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
+(bench/gpu_profile.py) reads the lynx-a4 kernel as bound by instruction issue: 78 (K)
+and 86 (V) instructions an element, issued on 75% of scheduler cycles; uniform-a4 38 and
+42. docs/benchmarks.md has the reading (earlier figures, 0.14-0.20 for lynx-a4, timed
+the host's launch work too).
 """
 
 from __future__ import annotations
