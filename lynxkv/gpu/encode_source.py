@@ -24,13 +24,13 @@ in token order, to add in numpy's order).
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
 
-Measured (H200, bench/gpu.py, 2026-11-30 09:38 UTC, GPU time of the launches): 0.22 of
-copy bandwidth for lynx-a4, 0.47 for uniform-a4, 0.20 for lynx-a4-paper, with no field
+Measured (H200, bench/gpu.py, 2026-11-30 09:50 UTC, GPU time of the launches): 0.23 of
+copy bandwidth for lynx-a4, 0.52 for uniform-a4, 0.20 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py) reads the lynx-a4 kernel as bound by instruction issue: 78 (K)
-and 86 (V) instructions an element, issued on 75% of scheduler cycles; uniform-a4 38 and
-42. docs/benchmarks.md has the reading (earlier figures, 0.14-0.20 for lynx-a4, timed
-the host's launch work too).
+(bench/gpu_profile.py) reads the lynx-a4 kernel as bound by instruction issue: 75 (K)
+and 83 (V) instructions an element, issued on 76% of scheduler cycles; uniform-a4 34 and
+39 at 81%. docs/benchmarks.md has the reading (earlier figures, 0.14-0.20 for lynx-a4,
+timed the host's launch work too).
 """
 
 from __future__ import annotations
@@ -252,7 +252,9 @@ __global__ void __launch_bounds__(256, 3) encode(
         cmin[i] = INF;
         cmax[i] = -INF;
     }
-    int bad = 0;  // bit 0: NaN or inf; bit 1: |x| > MAX_ABS (encode.py words the errors)
+    // The input check, one FMA an element: x * 0 + acc stays zero unless some x is NaN
+    // or infinite (then it is NaN); |x| > MAX_ABS is read off the extremes afterwards.
+    float nan_acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < GB; ++j) {
         if (t0 + j < T) {
@@ -260,12 +262,16 @@ __global__ void __launch_bounds__(256, 3) encode(
             get8(tile + (row0 + j) * D + d0, v);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                bad |= isfinite(v[i]) ? (fabsf(v[i]) > MAX_ABS ? 2 : 0) : 1;
+                nan_acc = __fmaf_rn(v[i], 0.0f, nan_acc);
                 cmin[i] = fminf(cmin[i], v[i]);
                 cmax[i] = fmaxf(cmax[i], v[i]);
             }
         }
     }
+    // bit 0: NaN or inf; bit 1: |x| > MAX_ABS (encode.py words the errors, bit 0 first)
+    int bad = nan_acc != nan_acc ? 1 : 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) bad |= fmaxf(-cmin[i], cmax[i]) > MAX_ABS ? 2 : 0;
     if (bad) atomicOr(status, bad);
     if (LYNX || !BY_TOKEN) {
 #pragma unroll
@@ -412,6 +418,21 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
     }
 
+    // Whether every dividend x - mu of the last division is known to suit div_fast, so
+    // that no element needs div_slow: uniform codecs on 16-bit sources with no group
+    // minimum (mu) of 0. A bf16 x with |x| >= 2^-32 is a multiple of 2^-39, and so is a
+    // float16 mu (a multiple of 2^-24): a nonzero x - mu is at least 2^-39; a smaller
+    // |x| against mu != 0 leaves at least 2^-24 - 2^-32; float16 x are multiples of
+    // 2^-24. Above, |x - mu| <= 2 * MAX_ABS unless the input is flagged (and dropped).
+    // With mu == 0, x - mu = x may be tiny: those groups keep the check.
+    auto exact_dividends = [&](const float* mu) {
+        if (LYNX || sizeof(InT) != 2) return false;
+        bool zero = false;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) zero |= mu[i] == 0.0f;
+        return !zero;
+    };
+
     // Pass 2: the fields of every element, the per-token statistics first where needed.
     const float scale2 = __fmul_rn(code_scale, 0.6931472f);  // top / log2(1 + alpha)
 #pragma unroll 2
@@ -507,11 +528,16 @@ __global__ void __launch_bounds__(256, 3) encode(
         // lynx y = (xn - mu) / (sigma + EPS), uniform (x - min) / (scale + EPS)
         float q[8];
         bool slow = !cok;
+        if (exact_dividends(cmu)) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float a = __fsub_rn(x[i], cmu[i]);
-            slow |= div_slow(a);
-            q[i] = div_fast(a, csig[i], crcp[i]);
+            for (int i = 0; i < 8; ++i) q[i] = div_fast(__fsub_rn(x[i], cmu[i]), csig[i], crcp[i]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float a = __fsub_rn(x[i], cmu[i]);
+                slow |= div_slow(a);
+                q[i] = div_fast(a, csig[i], crcp[i]);
+            }
         }
         if (slow) {
 #pragma unroll

@@ -383,6 +383,33 @@ def test_gpu_encode_other_sources(source: str, name: str) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("name", ["uniform-a4", "uniform-tok-a4"])
+@pytest.mark.parametrize("source", ["bf16", "f16"])
+def test_gpu_uniform_tiny_values_equal_numpy(name: str, source: str) -> None:
+    """Groups whose minimum is 0, so the divided x - min is x itself and may be tiny
+    (the kernel checks those), beside groups of tiny values above a negative minimum
+    (the kernel proves those safe without a check): byte for byte numpy's objects."""
+    rng = np.random.default_rng(81)
+    lowest = -38.0 if source == "bf16" else -7.5  # smallest magnitudes the type holds
+    k = rng.standard_normal((64, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((64, 2, 64)).astype(np.float32)
+    tiny = 10.0 ** rng.uniform(lowest, -5.0, size=(64, 2, 64))
+    tiny[rng.random(tiny.shape) < 0.2] = 0.0
+    k[:32, 0, :16] = tiny[:32, 0, :16]  # K groups (32 tokens x channel) with minimum 0
+    k[:32, 0, 16:32] = tiny[:32, 0, 16:32]
+    k[5, 0, 16:32] = -0.5  # tiny values over a negative minimum
+    v[:10, 1] = tiny[:10, 1]  # V groups (a token's head) with minimum 0, for kivi
+    v[10:20, 1] = tiny[10:20, 1]
+    v[10:20, 1, 7] = -1.0
+    if name == "uniform-tok-a4":  # K grouped per token too
+        k[40:50, 1] = tiny[40:50, 1]
+    kv = [(k.astype(DTYPES[source]), v.astype(DTYPES[source]))]
+    gk, gv = _tensors(kv, "thd", "cuda")
+    assert encode(gk, gv, name, backend="cupy") == numpy_encode(kv, name)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dim", [8, 32, 128, 256])
 def test_gpu_encode_head_dims(dim: int) -> None:
     kv = make_kv(dim, layers=1, tokens=300, heads=2, dim=dim)
