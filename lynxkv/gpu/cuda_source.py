@@ -37,7 +37,7 @@ bf16 / fp16 (round-to-nearest-even, as torch's ``.to``).
 
 Tuning (H200, bf16, 2026-11-30; bench/gpu_variants.py times compiled variants side by
 side, each checked bit for bit first; GPU time of the launches alone): this kernel runs
-at 0.84-0.91 of copy bandwidth for decode_anchor and 0.80-0.86 for refine_residual
+at 0.84-0.92 of copy bandwidth for decode_anchor and 0.80-0.87 for refine_residual
 (lynx-a2's refine 0.64-0.67); a bare streaming kernel with the same mix of reads and
 writes reaches 0.94-0.96, and this kernel with its arithmetic and table lookups removed
 (``-DSKELETON=1``) 0.93-0.99 (lynx-a2 refine 0.83). Kept: 3 blocks of 256 per SM (80

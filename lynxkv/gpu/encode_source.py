@@ -24,13 +24,13 @@ in token order, to add in numpy's order).
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
 
-Measured (H200, bench/gpu.py, 2026-11-30 09:50 UTC, GPU time of the launches): 0.23 of
-copy bandwidth for lynx-a4, 0.52 for uniform-a4, 0.20 for lynx-a4-paper, with no field
+Measured (H200, bench/gpu.py, 2026-11-30 09:58 UTC, GPU time of the launches): 0.23 of
+copy bandwidth for lynx-a4, 0.64 for uniform-a4, 0.21 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py) reads the lynx-a4 kernel as bound by instruction issue: 75 (K)
-and 83 (V) instructions an element, issued on 76% of scheduler cycles; uniform-a4 34 and
-39 at 81%. docs/benchmarks.md has the reading (earlier figures, 0.14-0.20 for lynx-a4,
-timed the host's launch work too).
+(bench/gpu_profile.py) reads the kernel as bound by instruction issue: lynx-a4 75 (K)
+and 83 (V) instructions an element, issued on 76% of scheduler cycles; uniform-a4 24
+and 29, down from 38 and 42 (its input check, range checks, quantizing and packing,
+and per-token tests; docs/benchmarks.md has each step and the reading).
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 
 // 8 consecutive values (16-byte aligned) to float.
 __device__ __forceinline__ void get8(const __nv_bfloat16* p, float* v) {
+    // bf16 is the high half of a float32: one shift or one mask a value (the intrinsic
+    // pair conversion spends two instructions on the high value)
     const uint4 u = *(const uint4*)p;
-    const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
 __device__ __forceinline__ void get8(const __half* p, float* v) {
@@ -255,18 +256,27 @@ __global__ void __launch_bounds__(256, 3) encode(
     // The input check, one FMA an element: x * 0 + acc stays zero unless some x is NaN
     // or infinite (then it is NaN); |x| > MAX_ABS is read off the extremes afterwards.
     float nan_acc = 0.0f;
+    auto stats = [&](int j) {
+        float v[8];
+        get8(tile + (row0 + j) * D + d0, v);
 #pragma unroll
-    for (int j = 0; j < GB; ++j) {
-        if (t0 + j < T) {
-            float v[8];
-            get8(tile + (row0 + j) * D + d0, v);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                nan_acc = __fmaf_rn(v[i], 0.0f, nan_acc);
-                cmin[i] = fminf(cmin[i], v[i]);
-                cmax[i] = fmaxf(cmax[i], v[i]);
-            }
+        for (int i = 0; i < 8; ++i) {
+            nan_acc = __fmaf_rn(v[i], 0.0f, nan_acc);
+            cmin[i] = fminf(cmin[i], v[i]);
+            cmax[i] = fmaxf(cmax[i], v[i]);
         }
+    };
+    // A uniform lane whose tokens are all in the section runs without a test per token
+    // (the tested loop re-derives the tile address in every token's branch); not lynx,
+    // whose longer body, compiled twice, spills (D = 256: 848 bytes).
+    const bool all_valid = !LYNX && t0 + GB <= T;
+    if (all_valid) {
+#pragma unroll
+        for (int j = 0; j < GB; ++j) stats(j);
+    } else {
+#pragma unroll
+        for (int j = 0; j < GB; ++j)
+            if (t0 + j < T) stats(j);
     }
     // bit 0: NaN or inf; bit 1: |x| > MAX_ABS (encode.py words the errors, bit 0 first)
     int bad = nan_acc != nan_acc ? 1 : 0;
@@ -435,10 +445,8 @@ __global__ void __launch_bounds__(256, 3) encode(
 
     // Pass 2: the fields of every element, the per-token statistics first where needed.
     const float scale2 = __fmul_rn(code_scale, 0.6931472f);  // top / log2(1 + alpha)
-#pragma unroll 2
-    for (int j = 0; j < GB; ++j) {
+    auto encode_token = [&](int j, bool valid) {
         const int t = t0 + j;
-        const bool valid = t < T;
         float v[8];
         if (valid) {
             get8(tile + (row0 + j) * D + d0, v);
@@ -543,29 +551,60 @@ __global__ void __launch_bounds__(256, 3) encode(
 #pragma unroll
             for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(__fsub_rn(x[i], cmu[i]), csig[i]);
         }
-        unsigned int af[8], rf[8];
+        if constexpr (!LYNX && ABITS == 4) {
+            // u = round((x - min) / (scale + EPS) * 255) as in numpy, whose clamp to
+            // [0, 255] never binds here: min rounds down and scale up from the group's
+            // extremes, so 0 <= x - min <= scale < scale + EPS and the rounded quotient is
+            // in [0, 1]. The magic add leaves u in the low byte of the sum's bits; the
+            // even and odd values' bytes are gathered in two words, whose high nibbles
+            // are the anchor fields and low nibbles the residual fields (bitpack order:
+            // value 2k in the low nibble of byte k, value 2k + 1 in the high one).
+            unsigned int b[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            if (LYNX) {  // y in [-1, 1]; sign-aware split
-                const float y = fminf(fmaxf(q[i], -1.0f), 1.0f);
-                const int code = magnitude(fabsf(y), s_thr, alpha, scale2, top);
-                const int m = (code + (1 << (RBITS - 1)) - 1) >> RBITS;
-                const int q = y < 0.0f ? -(m + 1) : m;
-                af[i] = (unsigned int)q & ((1u << ABITS) - 1);
-                rf[i] = (unsigned int)(m * (1 << RBITS) - code + (1 << (RBITS - 1)));
-            } else {  // u = round((x - min) / (scale + EPS) * 255); high and low bits
-                // rint commutes with the clamp to [0, 255] (integer bounds)
-                const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
-                const unsigned int ui = (unsigned int)rint_small(u);
-                af[i] = ui >> RBITS;
-                rf[i] = ui & ((1u << RBITS) - 1);
+            for (int i = 0; i < 8; ++i)
+                b[i] = __float_as_uint(__fadd_rn(__fmul_rn(q[i], 255.0f), MAGIC));
+            const unsigned int ev = __byte_perm(__byte_perm(b[0], b[2], 0x0040),
+                                                __byte_perm(b[4], b[6], 0x0040), 0x5410);
+            const unsigned int od = __byte_perm(__byte_perm(b[1], b[3], 0x0040),
+                                                __byte_perm(b[5], b[7], 0x0040), 0x5410);
+            if (valid) {
+                const long long e8 = ((long long)t * C + c0) >> 3;
+                *(unsigned int*)(anchor + off_codes + e8 * 4) =
+                    (ev >> 4 & 0x0F0F0F0Fu) | (od & 0xF0F0F0F0u);
+                *(unsigned int*)(resid + e8 * 4) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
+            }
+        } else {
+            unsigned int af[8], rf[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                if (LYNX) {  // y in [-1, 1]; sign-aware split
+                    const float y = fminf(fmaxf(q[i], -1.0f), 1.0f);
+                    const int code = magnitude(fabsf(y), s_thr, alpha, scale2, top);
+                    const int m = (code + (1 << (RBITS - 1)) - 1) >> RBITS;
+                    const int q = y < 0.0f ? -(m + 1) : m;
+                    af[i] = (unsigned int)q & ((1u << ABITS) - 1);
+                    rf[i] = (unsigned int)(m * (1 << RBITS) - code + (1 << (RBITS - 1)));
+                } else {  // u = round((x - min) / (scale + EPS) * 255); high and low bits
+                    // rint commutes with the clamp to [0, 255] (integer bounds)
+                    const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
+                    const unsigned int ui = (unsigned int)rint_small(u);
+                    af[i] = ui >> RBITS;
+                    rf[i] = ui & ((1u << RBITS) - 1);
+                }
+            }
+            if (valid) {
+                const long long e8 = ((long long)t * C + c0) >> 3;
+                store_fields<ABITS>(anchor + off_codes + e8 * ABITS, af);
+                store_fields<RBITS>(resid + e8 * RBITS, rf);
             }
         }
-        if (valid) {
-            const long long e8 = ((long long)t * C + c0) >> 3;
-            store_fields<ABITS>(anchor + off_codes + e8 * ABITS, af);
-            store_fields<RBITS>(resid + e8 * RBITS, rf);
-        }
+    };
+    if (all_valid) {
+#pragma unroll 2
+        for (int j = 0; j < GB; ++j) encode_token(j, true);
+    } else {
+#pragma unroll 2
+        for (int j = 0; j < GB; ++j) encode_token(j, t0 + j < T);
     }
 }
 """
