@@ -1,15 +1,17 @@
 """Compiled variants of the decode kernel, timed side by side in one process (GPU only).
 
-Single runs of bench/gpu.py differ by up to 0.1 of copy bandwidth from call to call
-(each call may land on another H200), so kernel changes are judged here: every variant
-decodes the same sections into the same destination, each is first checked bit for bit
-against the numpy codec, and the variants are timed in interleaved rounds (A B C A B
-C ...), the median of each taken. Beside them, two ceilings on the same output: torch's
-``fill_`` (write-only bandwidth) and ``skeleton`` (the kernel's loads, table lookups and
-stores, no arithmetic; not checked, as it computes nothing).
+Kernel changes are judged here rather than across bench/gpu.py runs (each call may land
+on another H200): every variant decodes the same sections into the same destination,
+each is first checked bit for bit against the numpy codec, and the variants are timed
+in interleaved rounds (A B C A B C ...), the median of each taken, as GPU time of the
+launches (bench/gpu.py's ``_time``; the host time of queueing them is printed too).
+Beside them, ceilings: a bare streaming kernel writing 16-byte vectors and reading 0,
+4, 8 or 16 bytes per vector (``stream_readN_write16``), torch's ``fill_`` on the same
+output, and ``SKELETON=1`` (the kernel's loads and stores without its table lookups and
+arithmetic; not checked, as it computes nothing).
 
-    python3 bench/gpu_variants.py [--variants "base;PRED_STORE=1;PERSIST=1,MIN_BLOCKS=2"]
-        [--old FILE] [--codecs lynx-a4:hnd,uniform-a4:hnd] [--rounds 5]
+    python3 bench/gpu_variants.py [--variants "base;SKELETON=1;STORE_CS=1;MIN_BLOCKS=2"]
+        [--old FILE] [--codecs lynx-a4:hnd,uniform-a4:hnd] [--rounds 5] [--no-streams]
 
 A variant is ``base`` or comma-separated ``NAME=VALUE`` macros of lynxkv.gpu.cuda_source
 (``TPT`` and ``MIN_BLOCKS`` among them; ``ROW_TABLE=1``: rows read from the int64 row
@@ -45,7 +47,7 @@ class Variant:
         macros = dict(d.split("=", 1) for d in label.split(",") if "=" in d)
         self.tpt = int(macros.pop("TPT", TOKENS_PER_THREAD))
         self.min_blocks = int(macros.pop("MIN_BLOCKS", MIN_BLOCKS))
-        self.row_table = macros.pop("ROW_TABLE", "0") == "1"  # hnd rows read, not computed
+        self.row_table = macros.pop("ROW_TABLE", "0") == "1"  # the int64 row table
         self.defines = tuple(f"{k}={v}" for k, v in sorted(macros.items()))
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
 
@@ -77,7 +79,7 @@ def _load_source(path: Path) -> str:
 
 
 STREAM_SOURCE = r"""
-template <typename In>  // In: what is read per 16-byte vector written (none: a byte)
+template <typename In>  // In: what is read per 16-byte vector written (read = 0: nothing)
 __global__ void stream(const In* __restrict__ src, uint4* __restrict__ dst, long long n,
                        int read) {
     const long long step = (long long)gridDim.x * blockDim.x;
@@ -150,8 +152,8 @@ def main() -> None:
                 t.fill_(1.0)
 
         fill_gbps = out_bytes / _time(fill, args.repeats) / 1e9
-        mixes = {} if args.no_streams else _streams(out_bytes, args.repeats) if i == 0 else {}
-        for name, value in mixes.items():
+        ceilings = {} if args.no_streams or i else _streams(out_bytes, args.repeats)
+        for name, value in ceilings.items():
             print(f"{name}: {value:.3f}")
             result[name] = round(value, 3)
         for full, kernel in ((False, "decode_anchor"), (True, "refine_residual")):
