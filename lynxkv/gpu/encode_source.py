@@ -24,13 +24,13 @@ in token order, to add in numpy's order).
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
 
-Measured (H200, bench/gpu.py, 2026-11-30 09:58 UTC, GPU time of the launches): 0.23 of
+Measured (H200, bench/gpu.py, 2026-11-30 10:02 UTC, GPU time of the launches): 0.24 of
 copy bandwidth for lynx-a4, 0.64 for uniform-a4, 0.21 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py) reads the kernel as bound by instruction issue: lynx-a4 75 (K)
-and 83 (V) instructions an element, issued on 76% of scheduler cycles; uniform-a4 24
-and 29, down from 38 and 42 (its input check, range checks, quantizing and packing,
-and per-token tests; docs/benchmarks.md has each step and the reading).
+(bench/gpu_profile.py) reads the kernel as bound by instruction issue: lynx-a4 68 (K)
+and 76 (V) instructions an element, issued on 72% of scheduler cycles (78 / 86 before
+this session's changes); uniform-a4 24 and 29 (38 / 42). docs/benchmarks.md has each
+step and the reading.
 """
 
 from __future__ import annotations
@@ -428,20 +428,29 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
     }
 
-    // Whether every dividend x - mu of the last division is known to suit div_fast, so
-    // that no element needs div_slow: uniform codecs on 16-bit sources with no group
-    // minimum (mu) of 0. A bf16 x with |x| >= 2^-32 is a multiple of 2^-39, and so is a
-    // float16 mu (a multiple of 2^-24): a nonzero x - mu is at least 2^-39; a smaller
-    // |x| against mu != 0 leaves at least 2^-24 - 2^-32; float16 x are multiples of
-    // 2^-24. Above, |x - mu| <= 2 * MAX_ABS unless the input is flagged (and dropped).
-    // With mu == 0, x - mu = x may be tiny: those groups keep the check.
-    auto exact_dividends = [&](const float* mu) {
-        if (LYNX || sizeof(InT) != 2) return false;
+    // Whether a division's dividends are all known to suit div_fast, so that no element
+    // needs div_slow (each proof needs |dividend| = 0 or >= 2^-40, and <= 2^48):
+    // * a 16-bit source x minus a float16 ``base`` (uniform's group minimum, lynx's page
+    //   minimum g_min; base <= x): a bf16 x with |x| >= 2^-32 is a multiple of 2^-39, and
+    //   so is a float16 base (a multiple of 2^-24), so a nonzero x - base is at least
+    //   2^-39; a smaller |x| against base != 0 leaves at least 2^-24 - 2^-32; float16 x
+    //   are multiples of 2^-24. Above, |x - base| <= 2 * MAX_ABS unless the input is
+    //   flagged (and dropped). With base == 0, x - base = x may be tiny: checked.
+    // * lynx's xn in [0, 1] minus a u8 mu = k / 255: for k >= 1, mu >= 2^-8, so an xn
+    //   >= 2^-16 and mu are both multiples of 2^-39, and a smaller xn leaves at least
+    //   2^-8 - 2^-16. With k = 0, xn - mu = xn may be tiny: checked.
+    auto nonzero8 = [](const float* b) {
         bool zero = false;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) zero |= mu[i] == 0.0f;
+        for (int i = 0; i < 8; ++i) zero |= b[i] == 0.0f;
         return !zero;
     };
+    auto exact_dividends = [&](const float* mu) {  // the last division's
+        if (LYNX) return U8 && nonzero8(mu);
+        return sizeof(InT) == 2 && nonzero8(mu);
+    };
+    // the page division's (lynx), the same for all of the lane's tokens
+    const bool page_exact = LYNX && sizeof(InT) == 2 && nonzero8(gmin);
 
     // Pass 2: the fields of every element, the per-token statistics first where needed.
     const float scale2 = __fmul_rn(code_scale, 0.6931472f);  // top / log2(1 + alpha)
@@ -457,11 +466,17 @@ __global__ void __launch_bounds__(256, 3) encode(
         float x[8];
         if (LYNX) {
             bool slow = !gok;
+            if (page_exact) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float a = __fsub_rn(v[i], gmin[i]);
-                slow |= div_slow(a);
-                x[i] = div_fast(a, gscl[i], grcp[i]);
+                for (int i = 0; i < 8; ++i)
+                    x[i] = div_fast(__fsub_rn(v[i], gmin[i]), gscl[i], grcp[i]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float a = __fsub_rn(v[i], gmin[i]);
+                    slow |= div_slow(a);
+                    x[i] = div_fast(a, gscl[i], grcp[i]);
+                }
             }
             if (slow) {
 #pragma unroll

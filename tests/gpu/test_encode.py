@@ -383,12 +383,14 @@ def test_gpu_encode_other_sources(source: str, name: str) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("name", ["uniform-a4", "uniform-tok-a4"])
+@pytest.mark.parametrize("name", ["uniform-a4", "uniform-tok-a4", "lynx-a4", "lynx-a4-paper"])
 @pytest.mark.parametrize("source", ["bf16", "f16"])
-def test_gpu_uniform_tiny_values_equal_numpy(name: str, source: str) -> None:
-    """Groups whose minimum is 0, so the divided x - min is x itself and may be tiny
-    (the kernel checks those), beside groups of tiny values above a negative minimum
-    (the kernel proves those safe without a check): byte for byte numpy's objects."""
+def test_gpu_tiny_values_equal_numpy(name: str, source: str) -> None:
+    """Groups (uniform) and pages (lynx) whose minimum is 0, so the divided x - min is
+    x itself and may be tiny (the kernel checks those), beside groups and pages of tiny
+    values above a negative minimum (the kernel proves those safe without a check);
+    lynx chunks centred at 0 among them. Uniform: byte for byte numpy's objects; lynx:
+    the encoder's contract."""
     rng = np.random.default_rng(81)
     lowest = -38.0 if source == "bf16" else -7.5  # smallest magnitudes the type holds
     k = rng.standard_normal((64, 2, 64)).astype(np.float32)
@@ -403,9 +405,16 @@ def test_gpu_uniform_tiny_values_equal_numpy(name: str, source: str) -> None:
     v[10:20, 1, 7] = -1.0
     if name == "uniform-tok-a4":  # K grouped per token too
         k[40:50, 1] = tiny[40:50, 1]
+    if name.startswith("lynx"):  # whole pages (64 tokens here) of a channel: g_min 0
+        k[:, 1, :8] = tiny[:, 1, :8]
+        v[:, 0, 40:48] = tiny[:, 0, 40:48]
     kv = [(k.astype(DTYPES[source]), v.astype(DTYPES[source]))]
     gk, gv = _tensors(kv, "thd", "cuda")
-    assert encode(gk, gv, name, backend="cupy") == numpy_encode(kv, name)
+    ours = encode(gk, gv, name, backend="cupy")
+    if name.startswith("uniform"):
+        assert ours == numpy_encode(kv, name)
+    else:
+        _assert_contract(ours, numpy_encode(kv, name))
 
 
 @pytest.mark.gpu
