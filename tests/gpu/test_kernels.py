@@ -229,7 +229,7 @@ def test_rows_reach_the_kernel_in_their_cheapest_form() -> None:
         want = torch.where(slots >= 0, dest.row_off // per16, -1)
         assert torch.equal(dest.rows.table.to(torch.int64), want)
         assert bool((dest.row_off[slots >= 0] % per16 == 0).all())
-    odd = torch.zeros(2, 3, 16, 4, 65, dtype=torch.bfloat16)[..., :64]  # rows 65 apart
+    odd = torch.zeros(2, 3, 16, 4, 65, dtype=torch.bfloat16)[..., :64]  # rows 260 apart
     dest = destination([odd], "paged", layers=1, tokens=5, heads=4, dim=64, slot_mapping=slots)
     assert dest.rows.mode == ROWS_TABLE and not dest.rows.aligned
     assert torch.equal(dest.rows.table, dest.row_off)
