@@ -167,7 +167,9 @@ class Case:
         dst = self.out[kv].data_ptr() + idx * per * 2
         return torch.stack([a, torch.zeros_like(a), dst], 1), torch.stack([a, r, dst], 1)
 
-    def run(self, full: bool) -> None:
+    def run(self, full: bool, rows: Rows | None = None, **variant: Any) -> None:
+        """Decode every section (``full``: anchor and residual); ``rows`` and ``variant``
+        (``launch_dequant``'s compile options) select a variant for gpu_variants.py."""
         for kv in ("k", "v"):
             plan = make_plan(self.spec, kv, T, H, D)
             jobs = self.jobs[kv][1 if full else 0]
@@ -177,10 +179,11 @@ class Case:
                 plan,
                 (T, H, D),
                 jobs,
-                self.rows,
+                rows or self.rows,
                 torch.bfloat16,
                 self.stride_h,
                 full,
+                **variant,
             )
 
     def check(self, full: bool) -> None:

@@ -35,8 +35,6 @@ import torch
 
 from bench.gpu import COPY_TBPS, Case, D, H, T, _host_seconds, _time
 from lynxkv.gpu.cuda_source import MIN_BLOCKS, SOURCE, TOKENS_PER_THREAD
-from lynxkv.gpu.device import launch_dequant
-from lynxkv.gpu.tables import make_plan
 
 
 class Variant:
@@ -52,22 +50,14 @@ class Variant:
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
 
     def run(self, case: Case, full: bool) -> None:
-        for kv in ("k", "v"):
-            launch_dequant(
-                case.spec,
-                kv,
-                make_plan(case.spec, kv, T, H, D),
-                (T, H, D),
-                case.jobs[kv][1 if full else 0],
-                case.rows_table if self.row_table else case.rows,
-                torch.bfloat16,
-                case.stride_h,
-                full,
-                self.tpt,
-                self.min_blocks,
-                self.defines,
-                self.source,
-            )
+        case.run(
+            full,
+            case.rows_table if self.row_table else None,
+            tokens_per_thread=self.tpt,
+            min_blocks=self.min_blocks,
+            defines=self.defines,
+            source=self.source,
+        )
 
 
 def _load_source(path: Path) -> str:

@@ -161,40 +161,55 @@ __device__ __forceinline__ void half8(uint4 u, float* out) {
         out[2 * i + 1] = f.y;
     }
 }
-__device__ __forceinline__ void load_half8(const unsigned char* p, float* out) {
-    half8(load_raw8(p), out);
-}
 
-// Page metadata of 8 channels: g_min and g_scale + EPS.
-__device__ __forceinline__ void load_page(
-    const unsigned char* pay, long long off_scale, long long o, float* pmin, float* pscl) {
-    load_half8(pay + o, pmin);
-    load_half8(pay + off_scale + o, pscl);
+// Page metadata of 8 channels, as loaded (two 8 x f16 vectors): g_min and g_scale + EPS.
+__device__ __forceinline__ void page_values(uint4 rmin, uint4 rscl, float* pmin, float* pscl) {
+    half8(rmin, pmin);
+    half8(rscl, pscl);
 #pragma unroll
     for (int i = 0; i < 8; ++i) pscl[i] = __fadd_rn(pscl[i], EPS);
 }
+__device__ __forceinline__ void load_page(
+    const unsigned char* pay, long long off_scale, long long o, float* pmin, float* pscl) {
+    page_values(load_raw8(pay + o), load_raw8(pay + off_scale + o), pmin, pscl);
+}
 
-// Per-channel chunk metadata of 8 channels (element index o of [Q, C]): mu, sigma + EPS.
+// Per-channel chunk metadata of 8 channels, as loaded (U8: 8 u8 fields each, looked up
+// in the shared tables; else 8 f16 each): mu and sigma + EPS.
 template <bool U8>
-__device__ __forceinline__ void load_chunk(
-    const unsigned char* pay, long long off_mu, long long off_sigma, long long o,
-    const float* s_mu, const float* s_sig, float* cmu, float* csig) {
+__device__ __forceinline__ void chunk_values(
+    uint2 umu, uint2 usig, uint4 rmu, uint4 rsig, const float* s_mu, const float* s_sig,
+    float* cmu, float* csig) {
     if (U8) {
-        uint2 um = __ldg((const uint2*)(pay + off_mu + o));
-        uint2 us = __ldg((const uint2*)(pay + off_sigma + o));
-        const unsigned char* bm = (const unsigned char*)&um;
-        const unsigned char* bs = (const unsigned char*)&us;
+        const unsigned char* bm = (const unsigned char*)&umu;
+        const unsigned char* bs = (const unsigned char*)&usig;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             cmu[i] = s_mu[bm[i]];
             csig[i] = s_sig[bs[i]];
         }
     } else {
-        load_half8(pay + off_mu + 2 * o, cmu);
-        load_half8(pay + off_sigma + 2 * o, csig);
+        half8(rmu, cmu);
+        half8(rsig, csig);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
+}
+// The same, loaded from element index o of [Q, C].
+template <bool U8>
+__device__ __forceinline__ void load_chunk(
+    const unsigned char* pay, long long off_mu, long long off_sigma, long long o,
+    const float* s_mu, const float* s_sig, float* cmu, float* csig) {
+    uint2 um = make_uint2(0, 0), us = um;
+    uint4 rm = make_uint4(0, 0, 0, 0), rs = rm;
+    if (U8) {
+        um = __ldg((const uint2*)(pay + off_mu + o));
+        us = __ldg((const uint2*)(pay + off_sigma + o));
+    } else {
+        rm = load_raw8(pay + off_mu + 2 * o);
+        rs = load_raw8(pay + off_sigma + 2 * o);
+    }
+    chunk_values<U8>(um, us, rm, rs, s_mu, s_sig, cmu, csig);
 }
 
 // 16-byte global stores (the destination pointer comes from the job table, so the
@@ -366,28 +381,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     if (!live) return;
 
     float pmin[8], pscl[8], cmu[8], csig[8];
-    if (PAGE) {
-        half8(rmin, pmin);
-        half8(rscl, pscl);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) pscl[i] = __fadd_rn(pscl[i], EPS);
-    }
-    if (!BY_TOKEN) {
-        if (U8) {
-            const unsigned char* bm = (const unsigned char*)&umu;
-            const unsigned char* bs = (const unsigned char*)&usig;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                cmu[i] = s_mu[bm[i]];
-                csig[i] = s_sig[bs[i]];
-            }
-        } else {
-            half8(rmu, cmu);
-            half8(rsig, csig);
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
-    }
+    if (PAGE) page_values(rmin, rscl, pmin, pscl);
+    if (!BY_TOKEN) chunk_values<U8>(umu, usig, rmu, rsig, s_mu, s_sig, cmu, csig);
     OutT* dst = (OutT*)jb.dst + h * stride_h + (c0 - h * D);
     if (AFFINE) dst += row0 + (long long)t0 * row_step;  // row j: j * row_step further
     // token j's row offset from dst (-1: skip)

@@ -18,7 +18,6 @@ from lynxkv.codec.spec import CodecSpec
 from lynxkv.errors import MissingDependency
 from lynxkv.gpu.cuda_source import (
     MIN_BLOCKS,
-    ROWS_AFFINE,
     SOURCE,
     TOKENS_PER_THREAD,
     kernel_name,
@@ -110,7 +109,7 @@ def supported(dim: int, out: torch.Tensor, rows: Rows, stride_h: int, stride_d: 
         and stride_h % per16 == 0
         and out.data_ptr() % 16 == 0
         and rows.aligned
-        and (rows.row0 % per16 == 0 if rows.mode == ROWS_AFFINE else True)
+        and rows.row0 % per16 == 0  # 0 unless the rows are computed
     )
 
 

@@ -193,6 +193,28 @@ __device__ __forceinline__ float div_fast(float a, float b, float y) {
     const float q = __fmul_rn(a, y);
     return __fmaf_rn(y, __fmaf_rn(-b, q, a), q);
 }
+// q = (x - base) / d for 8 values, rounded as __fdiv_rn: div_fast with the reciprocals
+// r, each dividend checked unless ``exact`` (a proof covers them all), and __fdiv_rn for
+// the 8 when a dividend, or (``ok`` false) a divisor, is outside div_fast's range.
+__device__ __forceinline__ void div8(const float* x, const float* base, const float* d,
+                                     const float* r, bool ok, bool exact, float* q) {
+    bool slow = !ok;
+    if (exact) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = div_fast(__fsub_rn(x[i], base[i]), d[i], r[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float a = __fsub_rn(x[i], base[i]);
+            slow |= div_slow(a);
+            q[i] = div_fast(a, d[i], r[i]);
+        }
+    }
+    if (slow) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(__fsub_rn(x[i], base[i]), d[i]);
+    }
+}
 
 // LYNX: the lynx codec (page stage, log companding), else uniform. BY_TOKEN: chunk
 // statistics per token over a head's D channels (else per channel over 32 tokens).
@@ -355,18 +377,7 @@ __global__ void __launch_bounds__(256, 3) encode(
                     for (int j = 0; j < n; ++j) {
                         float v[8], xn[8];
                         get8(tile + (warp * 32 + j) * D + d0, v);
-                        bool slow = !gok;
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            const float a = __fsub_rn(v[i], gmin[i]);
-                            slow |= div_slow(a);
-                            xn[i] = div_fast(a, gscl[i], grcp[i]);
-                        }
-                        if (slow) {
-#pragma unroll
-                            for (int i = 0; i < 8; ++i)
-                                xn[i] = __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]);
-                        }
+                        div8(v, gmin, gscl, grcp, gok, false, xn);
 #pragma unroll
                         for (int i = 0; i < 8; ++i) sum[i] = __fadd_rn(sum[i], xn[i]);
                     }
@@ -465,23 +476,7 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
         float x[8];
         if (LYNX) {
-            bool slow = !gok;
-            if (page_exact) {
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-                    x[i] = div_fast(__fsub_rn(v[i], gmin[i]), gscl[i], grcp[i]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    const float a = __fsub_rn(v[i], gmin[i]);
-                    slow |= div_slow(a);
-                    x[i] = div_fast(a, gscl[i], grcp[i]);
-                }
-            }
-            if (slow) {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) x[i] = __fdiv_rn(__fsub_rn(v[i], gmin[i]), gscl[i]);
-            }
+            div8(v, gmin, gscl, grcp, gok, page_exact, x);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) x[i] = v[i];
@@ -550,22 +545,7 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
         // lynx y = (xn - mu) / (sigma + EPS), uniform (x - min) / (scale + EPS)
         float q[8];
-        bool slow = !cok;
-        if (exact_dividends(cmu)) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) q[i] = div_fast(__fsub_rn(x[i], cmu[i]), csig[i], crcp[i]);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float a = __fsub_rn(x[i], cmu[i]);
-                slow |= div_slow(a);
-                q[i] = div_fast(a, csig[i], crcp[i]);
-            }
-        }
-        if (slow) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(__fsub_rn(x[i], cmu[i]), csig[i]);
-        }
+        div8(x, cmu, csig, crcp, cok, exact_dividends(cmu), q);
         if constexpr (!LYNX && ABITS == 4) {
             // u = round((x - min) / (scale + EPS) * 255) as in numpy, whose clamp to
             // [0, 255] never binds here: min rounds down and scale up from the group's
