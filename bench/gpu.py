@@ -235,7 +235,8 @@ class EncodeCase:
             self.inputs[kv], self.out[kv] = x, out
         self.status = torch.zeros(1, dtype=torch.int32, device=dev)
 
-    def run(self) -> None:
+    def run(self, **variant: Any) -> None:
+        """Both kinds once; ``variant``: launch_encode's ``defines`` and ``source``."""
         for kv in ("k", "v"):
             x = self.inputs[kv]
             launch_encode(
@@ -246,6 +247,7 @@ class EncodeCase:
                 self.jobs[kv],
                 (x.stride(2), x.stride(1)),
                 self.status,
+                **variant,
             )
 
     def check(self) -> CodeDiff:

@@ -12,6 +12,12 @@ arithmetic; not checked, as it computes nothing).
 
     python3 bench/gpu_variants.py [--variants "base;SKELETON=1;STORE_CS=1;MIN_BLOCKS=2"]
         [--old FILE] [--codecs lynx-a4:hnd,uniform-a4:hnd] [--rounds 5] [--no-streams]
+    python3 bench/gpu_variants.py --encode lynx-a4,uniform-a4 --codecs "" \
+        --variants "base;MIN_BLOCKS=2"
+
+``--encode`` times the encoding kernel's variants the same way (macros of
+lynxkv.gpu.encode_source; ``MIN_BLOCKS`` is its ``ENC_MIN_BLOCKS``), each checked against
+the numpy encoder first (bench/gpu.py's ``EncodeCase``).
 
 A variant is ``base`` or comma-separated ``NAME=VALUE`` macros of lynxkv.gpu.cuda_source
 (``TPT`` and ``MIN_BLOCKS`` among them; ``ROW_TABLE=1``: rows read from the int64 row
@@ -33,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu import COPY_TBPS, Case, D, H, T, _host_seconds, _time
+from bench.gpu import COPY_TBPS, Case, D, EncodeCase, H, T, _host_seconds, _time
 from lynxkv.gpu.cuda_source import MIN_BLOCKS, SOURCE, TOKENS_PER_THREAD
+from lynxkv.gpu.encode_source import ENC_MIN_BLOCKS
 
 
 class Variant:
@@ -44,10 +51,15 @@ class Variant:
         self.label, self.source = label, source
         macros = dict(d.split("=", 1) for d in label.split(",") if "=" in d)
         self.tpt = int(macros.pop("TPT", TOKENS_PER_THREAD))
+        self.enc_min_blocks = int(macros.get("MIN_BLOCKS", ENC_MIN_BLOCKS))
         self.min_blocks = int(macros.pop("MIN_BLOCKS", MIN_BLOCKS))
         self.row_table = macros.pop("ROW_TABLE", "0") == "1"  # the int64 row table
         self.defines = tuple(f"{k}={v}" for k, v in sorted(macros.items()))
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
+
+    def encode_run(self, case: EncodeCase) -> None:
+        defines = (*self.defines, f"ENC_MIN_BLOCKS={self.enc_min_blocks}")
+        case.run(defines=defines)
 
     def run(self, case: Case, full: bool) -> None:
         case.run(
@@ -115,11 +127,43 @@ def _streams(out_bytes: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def _encode_variants(
+    codec: str, variants: list[Variant], n: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """One codec's encoding kernel, each variant checked, then timed in interleaved rounds."""
+    case = EncodeCase(codec, n, seed=400)
+    good = []
+    for v in variants:
+        v.encode_run(case)
+        torch.cuda.synchronize()
+        try:
+            if v.checked:
+                case.check()
+            good.append(v)
+        except SystemExit as exc:
+            print(f"encode {codec} {v.label}: {exc}")
+    times: dict[str, list[float]] = {v.label: [] for v in good}
+    for _ in range(args.rounds):
+        for v in good:
+            times[v.label].append(_time(functools.partial(v.encode_run, case), args.repeats, 1))
+    row: dict[str, float] = {}
+    print(f"encode {codec}:", end="")
+    for v in good:
+        gbps = case.bytes_moved() / statistics.median(times[v.label]) / 1e9
+        row[v.label] = round(gbps / COPY_TBPS / 1e3, 3)
+        print(f" | {v.label} {gbps:.0f} ({row[v.label]:.3f})", end="")
+    print()
+    del case
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="base;SKELETON=1")
     parser.add_argument("--old", type=Path, default=None, help="a file defining SOURCE")
     parser.add_argument("--codecs", default="lynx-a4:hnd")
+    parser.add_argument("--encode", default="", help="codecs whose encoding kernel to time")
     parser.add_argument("--no-streams", action="store_true", help="skip the stream ceilings")
     parser.add_argument("--gbytes", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=5)
@@ -130,7 +174,9 @@ def main() -> None:
         variants.insert(0, Variant("old", _load_source(args.old)))
     n = int(args.gbytes * 1e9 / (2 * 2 * T * H * D))
     result: dict[str, Any] = {}
-    for i, item in enumerate(args.codecs.split(",")):
+    for codec in filter(None, args.encode.split(",")):
+        result[f"encode[{codec}]"] = _encode_variants(codec, variants, n, args)
+    for i, item in enumerate(filter(None, args.codecs.split(","))):
         codec, layout = item.split(":")
         case = Case(codec, layout, n, seed=300 + i)
         out_bytes = sum(t.numel() * t.element_size() for t in case.out.values())

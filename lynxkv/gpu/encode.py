@@ -41,7 +41,15 @@ from lynxkv.codec.spec import CodecSpec, get_codec
 from lynxkv.errors import CodecError
 from lynxkv.gpu.api import Backend, gpu_available
 from lynxkv.gpu.encode_source import SOURCE, kernel_name
-from lynxkv.gpu.encode_tables import TABLES, Regions, encode_tables, regions
+from lynxkv.gpu.encode_tables import (
+    ESTIMATE_ERROR,
+    TABLES,
+    Regions,
+    encode_tables,
+    magnitude_estimate_error,
+    magnitude_scale,
+    regions,
+)
 from lynxkv.gpu.tables import make_plan
 
 __all__ = ["encode", "encode_chunks", "gpu_support", "launch_encode"]
@@ -121,6 +129,14 @@ def gpu_support(spec: CodecSpec, shape: tuple[int, int, int], dtype: torch.dtype
         return f"the GPU encoder needs head_dim in {_HEAD_DIMS}, not {dim}"
     if spec.kind == "lynx" and spec.center == "mean" and spec.v_chunk == "token":
         return "the GPU encoder does not centre per-token chunks on their mean"
+    if spec.kind == "lynx":
+        for kv in ("k", "v"):
+            # half the window: the rest is numpy's own float32 rounding
+            if not magnitude_estimate_error(spec, kv) < ESTIMATE_ERROR / 2:
+                return (
+                    f"the GPU encoder's code estimate is too coarse for alpha_{kv} = "
+                    f"{spec.alpha(kv):g} (too small)"
+                )
     if _shared_bytes(spec, dim, dtype) > _shared_limit():
         return f"a {dim}-channel {dtype} tile does not fit the GPU's shared memory"
     return None
@@ -308,10 +324,11 @@ def _gpu_payloads(inp: _Input, spec: CodecSpec, spans: list[tuple[int, int]]) ->
 
 
 @functools.cache
-def _kernel(name: str) -> Any:
+def _kernel(name: str, defines: tuple[str, ...] = (), source: str = SOURCE) -> Any:
     from lynxkv.gpu.device import cupy
 
-    module = cupy().RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=[name])
+    options = ("-std=c++17", *(f"-D{d}" for d in defines))
+    module = cupy().RawModule(code=source, options=options, name_expressions=[name])
     return module.get_function(name)
 
 
@@ -330,12 +347,17 @@ def launch_encode(
     jobs: torch.Tensor,
     strides: tuple[int, int],
     status: torch.Tensor,
+    *,
+    defines: tuple[str, ...] = (),
+    source: str = SOURCE,
 ) -> None:
     """One launch per ``MAX_GRID_Z`` rows of ``jobs`` (int64 [n, 3] on the device: source
     element (0, 0, 0), anchor payload and residual payload addresses; code planes
     ``encode_tables.ALIGN``-aligned) of one K|V kind and [T, H, D] ``shape``; ``strides``
     are the sources' token and head strides in elements. ORs input problems into
-    ``status`` (int32: 1 NaN or inf, 2 too large). On torch's current stream."""
+    ``status`` (int32: 1 NaN or inf, 2 too large). On torch's current stream.
+    ``defines`` (``NAME=VALUE`` macros) and ``source`` compile another form of the kernel
+    (bench/gpu_variants.py)."""
     from lynxkv.gpu.device import _stream, cupy, ptr
 
     cupy()  # MissingDependency, naming the install command, without CuPy
@@ -355,13 +377,12 @@ def launch_encode(
         lynx and spec.chunk_meta == "u8",
         lynx and spec.center == "mean",
     )
-    kernel = _kernel(name)
+    kernel = _kernel(name, defines, source)
     smem = _shared_bytes(spec, dim, dtype)
     if kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
     plan = make_plan(spec, kv, t, heads, dim)
     block = _block_tokens(spec)
-    alpha = spec.alpha(kv)
     fixed = (
         ptr(_tables(spec, kv, jobs.device.index or 0)),
         ptr(status),
@@ -374,9 +395,8 @@ def launch_encode(
         np.int64(plan.off_mu),
         np.int64(plan.off_sigma),
         np.int64(plan.off_codes),
-        np.float32(alpha),
-        np.float32(spec.top_code / np.log1p(alpha)),
-        np.int32(spec.top_code),
+        np.float32(spec.alpha(kv)),
+        magnitude_scale(spec, kv) if lynx else np.float32(0),
     )
     stream = _stream(torch.cuda.current_stream(jobs.device).cuda_stream)
     with stream:

@@ -35,7 +35,10 @@ step and the reading.
 
 from __future__ import annotations
 
-__all__ = ["SOURCE", "kernel_name"]
+__all__ = ["ENC_MIN_BLOCKS", "SOURCE", "kernel_name"]
+
+#: Blocks per SM the kernel's register budget allows by default (``ENC_MIN_BLOCKS``).
+ENC_MIN_BLOCKS = 3
 
 SOURCE = r"""
 #include <cuda_fp16.h>
@@ -45,7 +48,13 @@ SOURCE = r"""
 #define MAX_ABS 30000.0f   // lynxkv.codec.sections.MAX_ABS
 #define CODE_TABLE 128     // encode_tables.CODE_TABLE
 #define TABLES (CODE_TABLE + 512)
+#define SIGMA_STEPS 16.0f  // lynxkv.codec.lynx.SIGMA_U8_STEPS
+#define SIGMA_BIAS 239.0f  // lynxkv.codec.lynx.SIGMA_U8_BIAS
 #define FULL 0xffffffffu
+#ifndef ENC_MIN_BLOCKS
+#define ENC_MIN_BLOCKS 3  // blocks per SM the register budget must allow (a lynx tile
+                          // takes ~75 KB of shared memory: 3 fit)
+#endif
 #define INF __int_as_float(0x7f800000)  // NVRTC has no <math.h> INFINITY
 
 struct EncJob {
@@ -141,13 +150,32 @@ __device__ __forceinline__ void store_fields(unsigned char* p, const unsigned in
     }
 }
 
-// The u8 sigma field of a spread: the largest k with thr[k] <= spread (thr[0] = 0).
-__device__ __forceinline__ int sigma_index(float spread, const float* thr) {
-    int k = 0;
+// 8 fields of BITS bits given as the bytes of the even (0, 2, 4, 6) and odd values.
+template <int BITS>
+__device__ __forceinline__ void store_packed(unsigned char* p, unsigned int ev, unsigned int od) {
+    if (BITS == 4) {
+        *(unsigned int*)p = ev | od << 4;
+    } else {
+        unsigned int f[8];
 #pragma unroll
-    for (int step = 128; step > 0; step >>= 1)
-        if (k + step <= 255 && spread >= thr[k + step]) k += step;
-    return k;
+        for (int k = 0; k < 4; ++k) {
+            f[2 * k] = ev >> 8 * k & 0xffu;
+            f[2 * k + 1] = od >> 8 * k & 0xffu;
+        }
+        store_fields<BITS>(p, f);
+    }
+}
+
+// The u8 sigma field of a spread: the largest k with thr[k] <= spread (thr[0] = 0).
+// Its steps are where u = log2(spread) * SIGMA_STEPS + SIGMA_BIAS + 1/2 crosses k - 1/2,
+// so f = floor(u), from an approximate log2 (u within 1/2 of exact), is k or k - 1
+// (encode_tables.sigma_estimate; clamped, as k is, to the table).
+__device__ __forceinline__ int sigma_index(float spread, const float* thr) {
+    float l;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(spread));  // -inf for 0
+    const int f = __float2int_rd(__fmaf_rn(l, SIGMA_STEPS, SIGMA_BIAS + 0.5f));
+    const int k = min(max(f, 0), 254);
+    return k + (spread >= thr[k + 1]);
 }
 
 // Round-to-nearest-even of r in [0, 2^22) by one float add (what rintf gives, without
@@ -157,16 +185,55 @@ __device__ __forceinline__ int rint_small(float r) {
     return __float_as_int(__fadd_rn(r, MAGIC)) - __float_as_int(MAGIC);
 }
 
-// The magnitude code of a = |y| in [0, 1]: a fast estimate (within one code of numpy's,
-// test_fast_estimate_is_within_the_correction_window), corrected by one step against
-// numpy's thresholds (thr[0] = 0, thr[top + 1] = +inf); ``scale2`` = top / log2(1 + alpha).
-__device__ __forceinline__ int magnitude(float a, const float* thr, float alpha, float scale2,
-                                         int top) {
-    float l;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.0f + alpha * a));
-    int c = min(max(__float2int_rn(l * scale2), 0), top);
-    const float lo = thr[c], hi = thr[c + 1];  // two independent reads
-    return c + (a >= hi) - (a < lo);
+// The magnitude code of a = |y| in [0, 1], in the low byte of the result. Its steps are
+// where e = log2(1 + alpha a) * scale crosses k - 1/2 (scale = top / log2(1 + alpha)),
+// so f = floor(e), from an approximate e (within 1/2 of exact), is the code or the
+// code - 1, decided by the threshold thr[f + 1] (thr[0] = 0, thr[top + 1] = +inf;
+// encode_tables.magnitude_estimate). The floor is one FMA rounding down onto MAGIC1 (the
+// result is MAGIC1 + f exactly: f is small, >= -1), whose bits index the table.
+#define MAGIC_BITS 0x4B400000u  // the bits of MAGIC
+#define MAGIC1 12582913.0f      // MAGIC + 1
+// ``thr_at`` is the shared-memory address of thr minus 4 * MAGIC_BITS (mod 2^32), so that
+// thr[f + 1] is at thr_at + 4 * b; the step back is one predicated subtraction.
+__device__ __forceinline__ unsigned int code_bits(float a, unsigned int thr_at, float alpha,
+                                                  float scale) {
+    float l, t;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(alpha, a, 1.0f)));
+    unsigned int b = __float_as_uint(__fmaf_rd(l, scale, MAGIC1));  // MAGIC_BITS + f + 1
+    asm("ld.shared.f32 %0, [%1];" : "=f"(t) : "r"(thr_at + 4 * b));
+    asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\t@p sub.u32 %0, %0, 1;\n\t}"
+        : "+r"(b)
+        : "f"(a), "f"(t));
+    return b;
+}
+
+// prmt.b32 (default mode: a selector nibble with bit 3 set copies the sign of its byte).
+__device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int s) {
+    unsigned int r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+    return r;
+}
+// One byte of each of 4 words as the bytes of one: their low bytes (LOW_BYTES), or 0xff
+// where the word (a float) is negative and 0 elsewhere (SIGN_BYTES).
+#define LOW_BYTES 0x0040u
+#define SIGN_BYTES 0x00fbu
+__device__ __forceinline__ unsigned int gather4(unsigned int a, unsigned int b, unsigned int c,
+                                                unsigned int d, unsigned int sel) {
+    return prmt(prmt(a, b, sel), prmt(c, d, sel), 0x5410u);
+}
+
+// The anchor and residual fields of 4 magnitude codes (the bytes of ``c``) with the
+// signs ``s`` (bytes 0xff where y < 0), 4 at a time in the bytes of a word (no byte
+// carries: codes are <= 126): m = (code + 2^(R-1) - 1) >> R; anchor m, or -(m + 1) =
+// ~m for y < 0, in ABITS bits; residual m * 2^R - code + 2^(R-1), in [1, 2^R).
+template <int ABITS>
+__device__ __forceinline__ void split4(unsigned int c, unsigned int s, unsigned int& a,
+                                       unsigned int& r) {
+    constexpr int R = 8 - ABITS;
+    constexpr unsigned int ONES = 0x01010101u;
+    const unsigned int x = c + ((1u << (R - 1)) - 1) * ONES;
+    a = ((x >> R) ^ s) & (((1u << ABITS) - 1) * ONES);
+    r = (x & ((0xffu << R) & 0xffu) * ONES) + (1u << (R - 1)) * ONES - c;
 }
 
 // Division by a divisor b shared by many dividends, rounded exactly as __fdiv_rn: the
@@ -210,22 +277,47 @@ __device__ __forceinline__ void div8(const float* x, const float* base, const fl
             q[i] = div_fast(a, d[i], r[i]);
         }
     }
-    if (slow) {
+    if (slow) {  // + 0 turns a -0 into +0, as div_fast's last FMA does
 #pragma unroll
-        for (int i = 0; i < 8; ++i) q[i] = __fdiv_rn(__fsub_rn(x[i], base[i]), d[i]);
+        for (int i = 0; i < 8; ++i)
+            q[i] = __fadd_rn(__fdiv_rn(__fsub_rn(x[i], base[i]), d[i]), 0.0f);
     }
 }
+
+// Pairs of 16-bit values: NaN-propagating minimum and maximum, two values an instruction.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+    using T2 = __nv_bfloat162;
+    static constexpr unsigned int POS_INF = 0x7f80u, NEG_INF = 0xff80u;
+    static __device__ __forceinline__ T2 bits(unsigned int w) { return *(const T2*)&w; }
+    static __device__ __forceinline__ T2 splat(unsigned int b) { return bits(b * 0x10001u); }
+    static __device__ __forceinline__ T2 min(T2 a, T2 b) { return __hmin2_nan(a, b); }
+    static __device__ __forceinline__ T2 max(T2 a, T2 b) { return __hmax2_nan(a, b); }
+    static __device__ __forceinline__ float2 to_float2(T2 a) { return __bfloat1622float2(a); }
+};
+template <>
+struct Pair<__half> {
+    using T2 = __half2;
+    static constexpr unsigned int POS_INF = 0x7c00u, NEG_INF = 0xfc00u;
+    static __device__ __forceinline__ T2 bits(unsigned int w) { return *(const T2*)&w; }
+    static __device__ __forceinline__ T2 splat(unsigned int b) { return bits(b * 0x10001u); }
+    static __device__ __forceinline__ T2 min(T2 a, T2 b) { return __hmin2_nan(a, b); }
+    static __device__ __forceinline__ T2 max(T2 a, T2 b) { return __hmax2_nan(a, b); }
+    static __device__ __forceinline__ float2 to_float2(T2 a) { return __half22float2(a); }
+};
 
 // LYNX: the lynx codec (page stage, log companding), else uniform. BY_TOKEN: chunk
 // statistics per token over a head's D channels (else per channel over 32 tokens).
 // U8: lynx chunk fields are u8 (else float16). MEAN: lynx chunks centred on their mean
 // (else on the middle of their range).
 template <typename InT, int D, bool LYNX, int ABITS, bool BY_TOKEN, bool U8, bool MEAN>
-__global__ void __launch_bounds__(256, 3) encode(
+__global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const EncJob* __restrict__ jobs, const float* __restrict__ tables, int* __restrict__ status,
     int T, int H, int page_tokens, long long stride_t, long long stride_h,
     long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
-    float alpha, float code_scale, int top) {
+    float alpha, float scale) {
     constexpr int RBITS = 8 - ABITS;
     constexpr int GB = D / 8;  // channel groups of a head = tokens per lane
     static_assert(D >= 8 && D <= 256 && (32 % GB) == 0, "head_dim must be 8 << n, <= 256");
@@ -270,40 +362,83 @@ __global__ void __launch_bounds__(256, 3) encode(
 
     // Pass 1: extremes of the lane's tokens, then of the warp's chunk, per channel.
     float cmin[8], cmax[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        cmin[i] = INF;
-        cmax[i] = -INF;
-    }
-    // The input check, one FMA an element: x * 0 + acc stays zero unless some x is NaN
-    // or infinite (then it is NaN); |x| > MAX_ABS is read off the extremes afterwards.
-    float nan_acc = 0.0f;
-    auto stats = [&](int j) {
-        float v[8];
-        get8(tile + (row0 + j) * D + d0, v);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            nan_acc = __fmaf_rn(v[i], 0.0f, nan_acc);
-            cmin[i] = fminf(cmin[i], v[i]);
-            cmax[i] = fmaxf(cmax[i], v[i]);
-        }
-    };
+    // The input check: NaN and inf are read off the extremes (16-bit sources take them
+    // with NaN-propagating pair instructions, float32 with one FMA an element: x * 0 +
+    // acc stays zero unless some x is NaN or infinite); |x| > MAX_ABS too.
+    bool nan = false;
     // A uniform lane whose tokens are all in the section runs without a test per token
     // (the tested loop re-derives the tile address in every token's branch); not lynx,
-    // whose longer body, compiled twice, spills (D = 256: 848 bytes).
+    // whose longer body, compiled twice, spills.
     const bool all_valid = !LYNX && t0 + GB <= T;
-    if (all_valid) {
+    if constexpr (sizeof(InT) == 2) {
+        using P = Pair<InT>;
+        typename P::T2 lo[4], hi[4];
 #pragma unroll
-        for (int j = 0; j < GB; ++j) stats(j);
+        for (int i = 0; i < 4; ++i) {
+            lo[i] = P::splat(P::POS_INF);
+            hi[i] = P::splat(P::NEG_INF);
+        }
+        auto stats = [&](int j) {
+            const uint4 u = *(const uint4*)(tile + (row0 + j) * D + d0);
+            const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                lo[i] = P::min(lo[i], P::bits(w[i]));
+                hi[i] = P::max(hi[i], P::bits(w[i]));
+            }
+        };
+        if (all_valid) {
+#pragma unroll
+            for (int j = 0; j < GB; ++j) stats(j);
+        } else {
+#pragma unroll
+            for (int j = 0; j < GB; ++j)
+                if (t0 + j < T) stats(j);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 a = P::to_float2(lo[i]), b = P::to_float2(hi[i]);
+            cmin[2 * i] = a.x;
+            cmin[2 * i + 1] = a.y;
+            cmax[2 * i] = b.x;
+            cmax[2 * i + 1] = b.y;
+        }
     } else {
+        float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < GB; ++j)
-            if (t0 + j < T) stats(j);
+        for (int i = 0; i < 8; ++i) {
+            cmin[i] = INF;
+            cmax[i] = -INF;
+        }
+        auto stats = [&](int j) {
+            float v[8];
+            get8(tile + (row0 + j) * D + d0, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                acc = __fmaf_rn(v[i], 0.0f, acc);
+                cmin[i] = fminf(cmin[i], v[i]);
+                cmax[i] = fmaxf(cmax[i], v[i]);
+            }
+        };
+        if (all_valid) {
+#pragma unroll
+            for (int j = 0; j < GB; ++j) stats(j);
+        } else {
+#pragma unroll
+            for (int j = 0; j < GB; ++j)
+                if (t0 + j < T) stats(j);
+        }
+        nan = acc != acc;
     }
     // bit 0: NaN or inf; bit 1: |x| > MAX_ABS (encode.py words the errors, bit 0 first)
-    int bad = nan_acc != nan_acc ? 1 : 0;
+    int bad = nan ? 1 : 0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) bad |= fmaxf(-cmin[i], cmax[i]) > MAX_ABS ? 2 : 0;
+    for (int i = 0; i < 8; ++i) {
+        // the initial +inf / -inf of a lane without tokens count as neither
+        const float m = fmaxf(-cmin[i], cmax[i]);
+        bad |= (cmin[i] != cmin[i] || cmax[i] != cmax[i] || m == INF) ? 1 : 0;
+        bad |= m > MAX_ABS ? 2 : 0;
+    }
     if (bad) atomicOr(status, bad);
     if (LYNX || !BY_TOKEN) {
 #pragma unroll
@@ -316,6 +451,27 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
     }
 
+    // Whether a division's dividends are all known to suit div_fast, so that no element
+    // needs div_slow (each proof needs |dividend| = 0 or >= 2^-40, and <= 2^48):
+    // * a 16-bit source x minus a float16 ``base`` (uniform's group minimum, lynx's page
+    //   minimum g_min; base <= x): a bf16 x with |x| >= 2^-32 is a multiple of 2^-39, and
+    //   so is a float16 base (a multiple of 2^-24), so a nonzero x - base is at least
+    //   2^-39; a smaller |x| against base != 0 leaves at least 2^-24 - 2^-32; float16 x
+    //   are multiples of 2^-24. Above, |x - base| <= 2 * MAX_ABS unless the input is
+    //   flagged (and dropped). With base == 0, x - base = x may be tiny: checked.
+    // * lynx's xn in [0, 1] minus a u8 mu = k / 255: for k >= 1, mu >= 2^-8, so an xn
+    //   >= 2^-16 and mu are both multiples of 2^-39, and a smaller xn leaves at least
+    //   2^-8 - 2^-16. With k = 0, xn - mu = xn may be tiny: checked.
+    auto nonzero8 = [](const float* b) {
+        bool zero = false;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) zero |= b[i] == 0.0f;
+        return !zero;
+    };
+    auto exact_dividends = [&](const float* mu) {  // the last division's
+        if (LYNX) return U8 && nonzero8(mu);
+        return sizeof(InT) == 2 && nonzero8(mu);
+    };
     // Page metadata (lynx): g_min rounded down, g_scale = max - g_min rounded up.
     float gmin[8], gscl[8], grcp[8];  // grcp: rcp_step(gscl)
     bool gok = true;                   // every gscl suits div_fast
@@ -328,19 +484,20 @@ __global__ void __launch_bounds__(256, 3) encode(
             }
         }
         __syncthreads();
+        // the page's extremes, one thread a channel's minimum or maximum, into warp 0's row
+        for (int c = threadIdx.x; c < 2 * D; c += blockDim.x) {
+            float* col = c < D ? s_pmin + c : s_pmax + (c - D);
+            float m = col[0];
+            for (int w = 1; w < NW; ++w) m = c < D ? fminf(m, col[w * D]) : fmaxf(m, col[w * D]);
+            col[0] = m;
+        }
+        __syncthreads();
         float pmin[8], pmax[8];
         unsigned int bmin[8], bscl[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            pmin[i] = INF;
-            pmax[i] = -INF;
-        }
-        for (int w = 0; w < NW; ++w) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                pmin[i] = fminf(pmin[i], s_pmin[w * D + d0 + i]);
-                pmax[i] = fmaxf(pmax[i], s_pmax[w * D + d0 + i]);
-            }
+            pmin[i] = s_pmin[d0 + i];
+            pmax[i] = s_pmax[d0 + i];
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -357,6 +514,9 @@ __global__ void __launch_bounds__(256, 3) encode(
             store_half8(anchor + off_scale + o, bscl);
         }
     }
+    // the page division's (lynx), the same for all of the lane's tokens
+    const bool page_exact = LYNX && sizeof(InT) == 2 && nonzero8(gmin);
+    const float r255 = rcp_step(255.0f);  // u8 mu = k / 255 by div_fast: exact for k <= 255
 
     // Chunk metadata per channel: lynx mu and sigma (+ EPS), uniform min and scale (+ EPS).
     float cmu[8], csig[8], crcp[8];  // crcp: rcp_step(csig)
@@ -365,19 +525,17 @@ __global__ void __launch_bounds__(256, 3) encode(
         unsigned int fmu[8], fsg[8];
         if (LYNX) {
             float xhi[8], xlo[8], sum[8];
+            div8(cmax, gmin, gscl, grcp, gok, page_exact, xhi);
+            div8(cmin, gmin, gscl, grcp, gok, page_exact, xlo);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                xhi[i] = __fdiv_rn(__fsub_rn(cmax[i], gmin[i]), gscl[i]);
-                xlo[i] = __fdiv_rn(__fsub_rn(cmin[i], gmin[i]), gscl[i]);
-                sum[i] = 0.0f;
-            }
+            for (int i = 0; i < 8; ++i) sum[i] = 0.0f;
             if (MEAN) {  // numpy adds the chunk's xn in token order
                 if (s == 0 && tw < T) {
                     const int n = min(32, T - tw);
                     for (int j = 0; j < n; ++j) {
                         float v[8], xn[8];
                         get8(tile + (warp * 32 + j) * D + d0, v);
-                        div8(v, gmin, gscl, grcp, gok, false, xn);
+                        div8(v, gmin, gscl, grcp, gok, page_exact, xn);
 #pragma unroll
                         for (int i = 0; i < 8; ++i) sum[i] = __fadd_rn(sum[i], xn[i]);
                     }
@@ -395,7 +553,7 @@ __global__ void __launch_bounds__(256, 3) encode(
                     float k = MEAN ? (float)rint(mean * 255.0) : rintf(__fmul_rn(mid, 255.0f));
                     k = fminf(fmaxf(k, 0.0f), 255.0f);
                     fmu[i] = (unsigned int)k;
-                    mu = __fdiv_rn(k, 255.0f);
+                    mu = div_fast(k, 255.0f, r255);
                 } else {
                     fmu[i] = __half_as_ushort(MEAN ? __double2half(mean) : __float2half_rn(mid));
                     mu = h2f(fmu[i]);
@@ -439,32 +597,16 @@ __global__ void __launch_bounds__(256, 3) encode(
         }
     }
 
-    // Whether a division's dividends are all known to suit div_fast, so that no element
-    // needs div_slow (each proof needs |dividend| = 0 or >= 2^-40, and <= 2^48):
-    // * a 16-bit source x minus a float16 ``base`` (uniform's group minimum, lynx's page
-    //   minimum g_min; base <= x): a bf16 x with |x| >= 2^-32 is a multiple of 2^-39, and
-    //   so is a float16 base (a multiple of 2^-24), so a nonzero x - base is at least
-    //   2^-39; a smaller |x| against base != 0 leaves at least 2^-24 - 2^-32; float16 x
-    //   are multiples of 2^-24. Above, |x - base| <= 2 * MAX_ABS unless the input is
-    //   flagged (and dropped). With base == 0, x - base = x may be tiny: checked.
-    // * lynx's xn in [0, 1] minus a u8 mu = k / 255: for k >= 1, mu >= 2^-8, so an xn
-    //   >= 2^-16 and mu are both multiples of 2^-39, and a smaller xn leaves at least
-    //   2^-8 - 2^-16. With k = 0, xn - mu = xn may be tiny: checked.
-    auto nonzero8 = [](const float* b) {
-        bool zero = false;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) zero |= b[i] == 0.0f;
-        return !zero;
-    };
-    auto exact_dividends = [&](const float* mu) {  // the last division's
-        if (LYNX) return U8 && nonzero8(mu);
-        return sizeof(InT) == 2 && nonzero8(mu);
-    };
-    // the page division's (lynx), the same for all of the lane's tokens
-    const bool page_exact = LYNX && sizeof(InT) == 2 && nonzero8(gmin);
 
     // Pass 2: the fields of every element, the per-token statistics first where needed.
-    const float scale2 = __fmul_rn(code_scale, 0.6931472f);  // top / log2(1 + alpha)
+    // (through a shuffle, which the compiler cannot fold: else it splits the constant
+    // back out of the address, one more instruction an element)
+    const unsigned int thr_at =
+        __shfl_sync(FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 4 * MAGIC_BITS, 0);
+    // the lane's first token's code fields (a token's are C * BITS / 8 bytes further)
+    const long long e0 = ((long long)t0 * C + c0) >> 3;
+    unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
+    unsigned char* const r_codes = resid + e0 * RBITS;
     auto encode_token = [&](int j, bool valid) {
         const int t = t0 + j;
         float v[8];
@@ -500,17 +642,14 @@ __global__ void __launch_bounds__(256, 3) encode(
                 if (U8) {
                     const float k = fminf(fmaxf(rintf(__fmul_rn(mid, 255.0f)), 0.0f), 255.0f);
                     fmu = (unsigned int)k;
-                    mu = __fdiv_rn(k, 255.0f);
+                    mu = div_fast(k, 255.0f, r255);
                 } else {
                     fmu = __half_as_ushort(__float2half_rn(mid));
                     mu = h2f(fmu);
                 }
-                float spread = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) spread = fmaxf(spread, fabsf(__fsub_rn(x[i], mu)));
-#pragma unroll
-                for (int o = 1; o < GB; o <<= 1)
-                    spread = fmaxf(spread, __shfl_xor_sync(FULL, spread, o));
+                // max |xn - mu| over the token is at its extremes (a rounded difference is
+                // monotone), as numpy's max over every element
+                const float spread = fmaxf(fabsf(__fsub_rn(hi, mu)), fabsf(__fsub_rn(lo, mu)));
                 if (U8) {
                     fsg = sigma_index(spread, s_sthr);
                     sg = s_sig[fsg];
@@ -563,34 +702,45 @@ __global__ void __launch_bounds__(256, 3) encode(
             const unsigned int od = __byte_perm(__byte_perm(b[1], b[3], 0x0040),
                                                 __byte_perm(b[5], b[7], 0x0040), 0x5410);
             if (valid) {
-                const long long e8 = ((long long)t * C + c0) >> 3;
-                *(unsigned int*)(anchor + off_codes + e8 * 4) =
-                    (ev >> 4 & 0x0F0F0F0Fu) | (od & 0xF0F0F0F0u);
-                *(unsigned int*)(resid + e8 * 4) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
+                const int o = j * (C >> 1);  // C / 2 bytes a token
+                *(unsigned int*)(a_codes + o) = (ev >> 4 & 0x0F0F0F0Fu) | (od & 0xF0F0F0F0u);
+                *(unsigned int*)(r_codes + o) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
+            }
+        } else if constexpr (LYNX) {
+            // y in [-1, 1] (clamped as numpy does; the metadata's rounding keeps it there)
+            unsigned int cb[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                cb[i] = code_bits(fminf(fabsf(q[i]), 1.0f), thr_at, alpha, scale);
+            // the even and odd values' codes and signs, 4 to a word (bitpack order: value
+            // 2k is in the lower field); q is never -0 (div8), so its sign is y < 0
+            unsigned int ae, ao, re, ro;
+            split4<ABITS>(gather4(cb[0], cb[2], cb[4], cb[6], LOW_BYTES),
+                          gather4(__float_as_uint(q[0]), __float_as_uint(q[2]),
+                                  __float_as_uint(q[4]), __float_as_uint(q[6]), SIGN_BYTES),
+                          ae, re);
+            split4<ABITS>(gather4(cb[1], cb[3], cb[5], cb[7], LOW_BYTES),
+                          gather4(__float_as_uint(q[1]), __float_as_uint(q[3]),
+                                  __float_as_uint(q[5]), __float_as_uint(q[7]), SIGN_BYTES),
+                          ao, ro);
+            if (valid) {
+                store_packed<ABITS>(a_codes + j * (C >> 3) * ABITS, ae, ao);
+                store_packed<RBITS>(r_codes + j * (C >> 3) * RBITS, re, ro);
             }
         } else {
             unsigned int af[8], rf[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                if (LYNX) {  // y in [-1, 1]; sign-aware split
-                    const float y = fminf(fmaxf(q[i], -1.0f), 1.0f);
-                    const int code = magnitude(fabsf(y), s_thr, alpha, scale2, top);
-                    const int m = (code + (1 << (RBITS - 1)) - 1) >> RBITS;
-                    const int q = y < 0.0f ? -(m + 1) : m;
-                    af[i] = (unsigned int)q & ((1u << ABITS) - 1);
-                    rf[i] = (unsigned int)(m * (1 << RBITS) - code + (1 << (RBITS - 1)));
-                } else {  // u = round((x - min) / (scale + EPS) * 255); high and low bits
-                    // rint commutes with the clamp to [0, 255] (integer bounds)
-                    const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
-                    const unsigned int ui = (unsigned int)rint_small(u);
-                    af[i] = ui >> RBITS;
-                    rf[i] = ui & ((1u << RBITS) - 1);
-                }
+                // u = round((x - min) / (scale + EPS) * 255); high and low bits; rint
+                // commutes with the clamp to [0, 255] (integer bounds)
+                const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
+                const unsigned int ui = (unsigned int)rint_small(u);
+                af[i] = ui >> RBITS;
+                rf[i] = ui & ((1u << RBITS) - 1);
             }
             if (valid) {
-                const long long e8 = ((long long)t * C + c0) >> 3;
-                store_fields<ABITS>(anchor + off_codes + e8 * ABITS, af);
-                store_fields<RBITS>(resid + e8 * RBITS, rf);
+                store_fields<ABITS>(a_codes + j * (C >> 3) * ABITS, af);
+                store_fields<RBITS>(r_codes + j * (C >> 3) * RBITS, rf);
             }
         }
     };

@@ -12,11 +12,18 @@ which the function reaches ``k``, so ``f(a) = max {k : thr[k] <= a}``. Where num
 function is monotone (everywhere but a few last-bit glitches of its SIMD log) the GPU's
 field equals numpy's exactly; :func:`magnitude_from_thresholds` is that rule in numpy,
 for tests on a CPU.
+
+One table read a value is enough: the kernel estimates the function's argument ``e``
+(whose steps are at ``k - 1/2``) with the GPU's approximate log2 and takes
+``f = floor(e)``; the field is ``f`` or ``f + 1``, whichever ``thr[f + 1]`` says, as long
+as the estimate is within 1/2 of ``e`` (:func:`magnitude_estimate`, :func:`sigma_estimate`
+model it for the tests, which allow ``ESTIMATE_ERROR``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,12 +37,17 @@ from lynxkv.codec.spec import CodecSpec
 __all__ = [
     "ALIGN",
     "CODE_TABLE",
+    "ESTIMATE_ERROR",
     "TABLES",
     "Regions",
     "code_thresholds",
     "encode_tables",
+    "magnitude_estimate",
+    "magnitude_estimate_error",
     "magnitude_from_thresholds",
+    "magnitude_scale",
     "regions",
+    "sigma_estimate",
     "sigma_thresholds",
 ]
 
@@ -43,6 +55,13 @@ __all__ = [
 CODE_TABLE = 128
 #: float32 entries of the kernel's table: code thresholds, sigma thresholds, sigma values.
 TABLES = CODE_TABLE + 256 + 256
+#: Error of the kernel's estimates the tests allow (the window is 1/2 each way; the rest
+#: is margin for numpy's own float32 rounding), and gpu_support half of it.
+ESTIMATE_ERROR = 0.25
+#: Bound of lg2.approx.f32's error (PTX ISA: 2^-22.6 absolute in [0.5, 2], 2^-22
+#: relative elsewhere), taken as 2^-21 absolute per unit of |log2|, plus one float32
+#: rounding of its argument.
+_LG2_ERROR = 2.0**-21
 #: Alignment of every code plane in the device output buffer (bytes).
 ALIGN = 16
 _ONE = 0x3F800000  # float32 1.0
@@ -90,6 +109,39 @@ def sigma_thresholds() -> NDArray[np.float32]:
 def encode_tables(spec: CodecSpec, kv: KV) -> NDArray[np.float32]:
     """[TABLES] float32, as the kernel loads them into shared memory."""
     return np.concatenate([code_thresholds(spec, kv), sigma_thresholds(), lynx.sigma_table()])
+
+
+def magnitude_scale(spec: CodecSpec, kv: KV) -> np.float32:
+    """``scale = top / log2(1 + alpha)`` of the kernel's code estimate
+    ``floor(log2(1 + alpha * a) * scale)``."""
+    return np.float32(spec.top_code * np.log(2.0) / np.log1p(spec.alpha(kv)))
+
+
+def magnitude_estimate_error(spec: CodecSpec, kv: KV) -> float:
+    """Bound, in code steps, of the kernel's code estimate's error (lg2.approx and the
+    float32 rounding of its argument) beyond what :func:`magnitude_estimate` models."""
+    log_span = max(1.0, float(np.log2(1.0 + spec.alpha(kv))))
+    return float(magnitude_scale(spec, kv)) * (_LG2_ERROR * log_span + 2.0**-24 / math.log(2.0))
+
+
+def magnitude_estimate(
+    a: NDArray[np.float32], spec: CodecSpec, kv: KV, error: float
+) -> NDArray[np.int64]:
+    """The kernel's ``f`` for ``a``, in float64, its estimate off by ``error`` steps."""
+    alpha = np.float64(np.float32(spec.alpha(kv)))
+    e = np.log2(1.0 + alpha * a.astype(np.float64)) * np.float64(magnitude_scale(spec, kv))
+    out: NDArray[np.int64] = np.floor(e + error).astype(np.int64)
+    return out
+
+
+def sigma_estimate(spread: NDArray[np.float32], error: float) -> NDArray[np.int64]:
+    """The kernel's ``f`` for the u8 sigma field of ``spread`` (clamped to [0, 254]: the
+    field is at most 255), in float64, its log off by ``error`` steps."""
+    with np.errstate(divide="ignore"):
+        e = np.log2(spread.astype(np.float64)) * lynx.SIGMA_U8_STEPS + lynx.SIGMA_U8_BIAS
+    f = np.floor(e + 0.5 + error)
+    out: NDArray[np.int64] = np.clip(np.nan_to_num(f, neginf=0.0), 0, 254).astype(np.int64)
+    return out
 
 
 def magnitude_from_thresholds(a: NDArray[np.float32], spec: CodecSpec, kv: KV) -> NDArray[np.int16]:

@@ -36,11 +36,17 @@ from lynxkv.gpu import (
 )
 from lynxkv.gpu.compare import CodeDiff, compare_sections
 from lynxkv.gpu.encode import gpu_support
+from lynxkv.gpu.encode_source import SOURCE
 from lynxkv.gpu.encode_tables import (
     ALIGN,
+    ESTIMATE_ERROR,
+    TABLES,
     code_thresholds,
+    magnitude_estimate,
+    magnitude_estimate_error,
     magnitude_from_thresholds,
     regions,
+    sigma_estimate,
     sigma_thresholds,
 )
 from tests.codec.kvgen import make_kv
@@ -94,17 +100,62 @@ def test_code_thresholds_reproduce_numpy(name: str) -> None:
         np.testing.assert_array_equal(magnitude_from_thresholds(a, spec, kv), want)
 
 
+def _near(thr: Any) -> Any:
+    """Every threshold and the float32 values 1 and 2 steps each side of it."""
+    down = np.nextafter(thr, np.float32(0))
+    up = np.nextafter(thr, np.float32(np.inf))
+    return np.concatenate(
+        [thr, down, up, np.nextafter(down, np.float32(0)), np.nextafter(up, np.float32(np.inf))]
+    )
+
+
 @pytest.mark.parametrize("name", LYNX)
-def test_fast_estimate_is_within_the_correction_window(name: str) -> None:
-    """The kernel corrects its float32 log estimate by up to 2 steps each way."""
+def test_code_estimate_is_one_step_below_or_exact(name: str) -> None:
+    """The kernel reads one threshold a value: its estimate f, with an error anywhere
+    within ESTIMATE_ERROR, is the code or the code - 1."""
     spec = CODECS[name]
-    a = np.linspace(0, 1, 1 << 20, dtype=np.float32)
     for kv in ("k", "v"):
-        alpha = np.float32(spec.alpha(kv))
-        scale = np.float32(spec.top_code / np.log1p(spec.alpha(kv)))
-        estimate = np.rint(np.log(np.float32(1) + alpha * a) * scale)
-        exact = magnitude_from_thresholds(a, spec, kv)
-        assert np.abs(estimate - exact).max() <= 1
+        assert magnitude_estimate_error(spec, kv) < ESTIMATE_ERROR / 2
+        thr = code_thresholds(spec, kv)[1 : spec.top_code + 1]
+        a = np.concatenate([np.linspace(0, 1, 1 << 20, dtype=np.float32), _near(thr), [0, 1]])
+        a = a.astype(np.float32)
+        exact = magnitude_from_thresholds(a, spec, kv).astype(np.int64)
+        for error in (-ESTIMATE_ERROR, 0.0, ESTIMATE_ERROR):
+            step = exact - magnitude_estimate(a, spec, kv, error)
+            assert set(np.unique(step)) <= {0, 1}, (kv, error, np.unique(step))
+
+
+def test_code_estimate_window_is_real() -> None:
+    """An estimate off by more than half a step leaves the window: the test above can fail."""
+    spec = CODECS["lynx-a4"]
+    thr = code_thresholds(spec, "k")[1 : spec.top_code + 1]
+    a = _near(thr)
+    exact = magnitude_from_thresholds(a, spec, "k").astype(np.int64)
+    assert (exact - magnitude_estimate(a, spec, "k", 0.6) < 0).any()
+    assert (exact - magnitude_estimate(a, spec, "k", -0.6) > 1).any()
+
+
+def test_sigma_estimate_is_one_step_below_or_exact() -> None:
+    rng = np.random.default_rng(6)
+    thr = sigma_thresholds()[1:]
+    spread = np.exp(rng.normal(-3, 2, 1 << 20)).astype(np.float32)
+    spread = np.concatenate([spread, _near(thr), [0, 1e-30, 1e-6, 1]]).astype(np.float32)
+    exact = lynx.sigma_fields(spread).astype(np.int64)
+    for error in (-ESTIMATE_ERROR, 0.0, ESTIMATE_ERROR):
+        step = exact - sigma_estimate(spread, error)
+        assert set(np.unique(step)) <= {0, 1}, (error, np.unique(step))
+
+
+def test_kernel_constants_are_the_codecs() -> None:
+    """The kernel source's copies of the constants it shares with Python."""
+    assert f"#define SIGMA_STEPS {lynx.SIGMA_U8_STEPS:.1f}f" in SOURCE
+    assert f"#define SIGMA_BIAS {lynx.SIGMA_U8_BIAS:.1f}f" in SOURCE
+    assert f"#define TABLES (CODE_TABLE + {TABLES - 128})" in SOURCE
+
+
+def test_gpu_support_refuses_an_alpha_too_small_for_the_estimate() -> None:
+    spec = dataclasses.replace(CODECS["lynx-a4"], alpha_k=1e-6)
+    assert "alpha_k" in str(gpu_support(spec, (256, 8, 128), torch.bfloat16))
 
 
 def test_sigma_thresholds_reproduce_numpy() -> None:
