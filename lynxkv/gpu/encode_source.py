@@ -284,6 +284,11 @@ __device__ __forceinline__ void div8(const float* x, const float* base, const fl
     }
 }
 
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
 // Pairs of 16-bit values: NaN-propagating minimum and maximum, two values an instruction.
 template <typename T>
 struct Pair;
@@ -366,10 +371,9 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // with NaN-propagating pair instructions, float32 with one FMA an element: x * 0 +
     // acc stays zero unless some x is NaN or infinite); |x| > MAX_ABS too.
     bool nan = false;
-    // A uniform lane whose tokens are all in the section runs without a test per token
-    // (the tested loop re-derives the tile address in every token's branch); not lynx,
-    // whose longer body, compiled twice, spills.
-    const bool all_valid = !LYNX && t0 + GB <= T;
+    // A lane whose tokens are all in the section runs without a test per token (the
+    // tested loops re-derive the tile address in every token's branch).
+    const bool lane_full = t0 + GB <= T;
     if constexpr (sizeof(InT) == 2) {
         using P = Pair<InT>;
         typename P::T2 lo[4], hi[4];
@@ -387,7 +391,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 hi[i] = P::max(hi[i], P::bits(w[i]));
             }
         };
-        if (all_valid) {
+        if (lane_full) {
 #pragma unroll
             for (int j = 0; j < GB; ++j) stats(j);
         } else {
@@ -420,7 +424,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 cmax[i] = fmaxf(cmax[i], v[i]);
             }
         };
-        if (all_valid) {
+        if (lane_full) {
 #pragma unroll
             for (int j = 0; j < GB; ++j) stats(j);
         } else {
@@ -607,6 +611,11 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const long long e0 = ((long long)t0 * C + c0) >> 3;
     unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
     unsigned char* const r_codes = resid + e0 * RBITS;
+    // Two forms of pass 2: EXACT where every division of the lane is known to suit
+    // div_fast (no per-element check, no fallback: fewer registers live), else checked.
+    auto pass2 = [&](auto exact) {
+    constexpr bool EXACT = decltype(exact)::value;
+    const bool page_fast = EXACT || page_exact;
     auto encode_token = [&](int j, bool valid) {
         const int t = t0 + j;
         float v[8];
@@ -618,7 +627,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
         float x[8];
         if (LYNX) {
-            div8(v, gmin, gscl, grcp, gok, page_exact, x);
+            div8(v, gmin, gscl, grcp, EXACT || gok, page_fast, x);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) x[i] = v[i];
@@ -684,7 +693,9 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
         // lynx y = (xn - mu) / (sigma + EPS), uniform (x - min) / (scale + EPS)
         float q[8];
-        div8(x, cmu, csig, crcp, cok, exact_dividends(cmu), q);
+        // (per token: V's chunk is the token)
+        div8(x, cmu, csig, crcp, (EXACT && !BY_TOKEN) || cok,
+             (EXACT && !BY_TOKEN) || exact_dividends(cmu), q);
         if constexpr (!LYNX && ABITS == 4) {
             // u = round((x - min) / (scale + EPS) * 255) as in numpy, whose clamp to
             // [0, 255] never binds here: min rounds down and scale up from the group's
@@ -744,12 +755,21 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             }
         }
     };
-    if (all_valid) {
+    if (lane_full) {
 #pragma unroll 2
         for (int j = 0; j < GB; ++j) encode_token(j, true);
     } else {
 #pragma unroll 2
         for (int j = 0; j < GB; ++j) encode_token(j, t0 + j < T);
+    }
+    };
+    // exact: the lynx page division (all of the lane's), and the chunk division of a
+    // per-channel chunk; uniform has no page, and its group division is checked alone
+    const bool exact = LYNX && page_exact && gok && (BY_TOKEN || (cok && exact_dividends(cmu)));
+    if (exact) {
+        pass2(Flag<true>{});
+    } else {
+        pass2(Flag<false>{});
     }
 }
 """
