@@ -350,14 +350,21 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const int row0 = warp * 32 + s * GB;                  // the lane's first tile row
     const int t0 = tw + s * GB;                           // and its token
 
-    const InT* src = (const InT*)jb.src + h * stride_h + d0;
+    // A lane whose tokens are all in the section runs without a test per token (the
+    // tested loops re-derive addresses in every token's branch).
+    const bool lane_full = t0 + GB <= T;
+    {
+        const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
+        InT* dst = tile + row0 * D + d0;
+        const int n = lane_full ? GB : max(0, min(GB, T - t0));
 #pragma unroll
-    for (int j = 0; j < GB; ++j) {
-        if (t0 + j < T) {
-            InT* dst = tile + (row0 + j) * D + d0;
-            const InT* from = src + (long long)(t0 + j) * stride_t;
-            cp_async16(dst, from);
-            if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
+        for (int j = 0; j < GB; ++j) {
+            if (j < n) {
+                cp_async16(dst, from);
+                if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
+            }
+            from += stride_t;
+            dst += D;
         }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -371,9 +378,6 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // with NaN-propagating pair instructions, float32 with one FMA an element: x * 0 +
     // acc stays zero unless some x is NaN or infinite); |x| > MAX_ABS too.
     bool nan = false;
-    // A lane whose tokens are all in the section runs without a test per token (the
-    // tested loops re-derive the tile address in every token's branch).
-    const bool lane_full = t0 + GB <= T;
     if constexpr (sizeof(InT) == 2) {
         using P = Pair<InT>;
         typename P::T2 lo[4], hi[4];
@@ -488,34 +492,30 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             }
         }
         __syncthreads();
-        // the page's extremes, one thread a channel's minimum or maximum, into warp 0's row
-        for (int c = threadIdx.x; c < 2 * D; c += blockDim.x) {
-            float* col = c < D ? s_pmin + c : s_pmax + (c - D);
-            float m = col[0];
-            for (int w = 1; w < NW; ++w) m = c < D ? fminf(m, col[w * D]) : fmaxf(m, col[w * D]);
-            col[0] = m;
+        // one thread a channel: the page's extremes, its metadata (stored), and g_min and
+        // g_scale + EPS for the lanes in warp 0's rows
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float pmin = s_pmin[c], pmax = s_pmax[c];
+            for (int w = 1; w < NW; ++w) {
+                pmin = fminf(pmin, s_pmin[w * D + c]);
+                pmax = fmaxf(pmax, s_pmax[w * D + c]);
+            }
+            const unsigned int bmin = f16_down(pmin);
+            const float gm = h2f(bmin);
+            const unsigned int bscl = f16_up(__fsub_rn(pmax, gm));
+            const long long o = (long long)blockIdx.y * C + h * D + c;
+            ((unsigned short*)anchor)[o] = (unsigned short)bmin;
+            ((unsigned short*)(anchor + off_scale))[o] = (unsigned short)bscl;
+            s_pmin[c] = gm;
+            s_pmax[c] = __fadd_rn(h2f(bscl), EPS);
         }
         __syncthreads();
-        float pmin[8], pmax[8];
-        unsigned int bmin[8], bscl[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            pmin[i] = s_pmin[d0 + i];
-            pmax[i] = s_pmax[d0 + i];
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            bmin[i] = f16_down(pmin[i]);
-            gmin[i] = h2f(bmin[i]);
-            bscl[i] = f16_up(__fsub_rn(pmax[i], gmin[i]));
-            gscl[i] = __fadd_rn(h2f(bscl[i]), EPS);
+            gmin[i] = s_pmin[d0 + i];
+            gscl[i] = s_pmax[d0 + i];
             grcp[i] = rcp_step(gscl[i]);
             gok &= rcp_ok(gscl[i]);
-        }
-        if (warp == 0 && s == 0) {
-            const long long o = 2 * ((long long)blockIdx.y * C + c0);
-            store_half8(anchor + o, bmin);
-            store_half8(anchor + off_scale + o, bscl);
         }
     }
     // the page division's (lynx), the same for all of the lane's tokens
