@@ -9,28 +9,35 @@ statistics are a few more). The tile is copied global -> shared once (``cp.async
 every load of a thread in flight together) and read from there by both passes:
 
 1. chunk minima and maxima per channel (and the input check: NaN, inf, |x| > 30000);
-   with lynx, the page minima and maxima are their reduction over the block's warps;
-2. the page and chunk metadata, rounded to their stored precision first (as the numpy
-   codec does), then every element's fields, bit-packed 8 at a time.
+   with lynx, one thread a channel reduces them over the block's warps to the page's
+   extremes and its metadata, left in shared memory for the lanes;
+2. the chunk metadata, rounded to their stored precision first (as the numpy codec
+   does), then every element's fields, 8 at a time: codes and signs gathered 4 to a
+   word, split into anchor and residual fields byte-parallel.
 
 Arithmetic: float32 with explicit round-to-nearest intrinsics (no FMA contraction), in
 the numpy codec's order. The two transcendental steps read decision tables built from
-numpy's own functions (``lynxkv.gpu.encode_tables``): a fast approximate code is
-corrected against the thresholds, so the result is numpy's wherever numpy's function
-is monotone. Chunk extremes of ``xn`` come from the extremes of ``x`` (the map is
-monotone), so only lynx-a4-paper's mean needs another sweep (one lane per channel,
-in token order, to add in numpy's order).
+numpy's own functions (``lynxkv.gpu.encode_tables``): a fast approximate code, the
+field or one below it, is decided by one threshold read, so the result is numpy's
+wherever numpy's function is monotone. Chunk extremes of ``xn`` come from the
+extremes of ``x`` (the map is monotone), so only lynx-a4-paper's mean needs another
+sweep (one lane per channel, in token order, to add in numpy's order).
 
 Divisions by a shared divisor (per channel or token) take its reciprocal once and per
-element only div.rn's fast path (``div_fast``), exact for the operand range it accepts.
+element only div.rn's fast path (``div_fast``), exact for the operand range it accepts;
+where a proof covers every division of a lane, pass 2 runs a copy without checks.
 
-Measured (H200, bench/gpu.py, 2026-11-30 10:02 UTC, GPU time of the launches): 0.24 of
-copy bandwidth for lynx-a4, 0.64 for uniform-a4, 0.21 for lynx-a4-paper, with no field
+Measured (H200, bench/gpu.py, 2026-11-30 11:05 UTC, GPU time of the launches): 0.49 of
+copy bandwidth for lynx-a4, 0.76 for uniform-a4, 0.34 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py) reads the kernel as bound by instruction issue: lynx-a4 68 (K)
-and 76 (V) instructions an element, issued on 72% of scheduler cycles (78 / 86 before
-this session's changes); uniform-a4 24 and 29 (38 / 42). docs/benchmarks.md has each
-step and the reading.
+(bench/gpu_profile.py): lynx-a4 30 (K) and 36 (V) instructions an element, issued on
+about 70% of scheduler cycles (68 / 76 at the session's start); uniform-a4 17 and 23.
+docs/benchmarks.md has each step and the reading.
+
+Known gap: CuPy hands NVRTC ``-ftz=true`` after the caller's options (cupy/cupy#9576;
+the SASS on the H200 reads FADD.FTZ), so float32 arithmetic here flushes subnormals:
+values below 2^-126 in magnitude (not met in KV caches so far, but possible) may be
+coded differently from numpy. The decoding kernel shares it.
 """
 
 from __future__ import annotations
