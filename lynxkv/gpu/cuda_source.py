@@ -49,6 +49,10 @@ bank-spread copies of the 256-entry table (refine -0.01 to -0.06), a persistent 
 loading one item ahead (it spilled; 0.55 against 0.63 under the earlier timing).
 Earlier figures for this kernel (0.49-0.67) timed the host's launch work too
 (docs/benchmarks.md).
+
+Known gap: CuPy hands NVRTC ``-ftz=true`` after the caller's options (cupy/cupy#9576),
+so float32 arithmetic here flushes subnormals: a decoded value below 2^-126 in magnitude
+comes out as zero where the numpy decoder keeps it (the bit-for-bit claim holds above).
 """
 
 from __future__ import annotations
