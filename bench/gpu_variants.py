@@ -17,7 +17,8 @@ arithmetic; not checked, as it computes nothing).
 
 ``--encode`` times the encoding kernel's variants the same way (macros of
 lynxkv.gpu.encode_source; ``MIN_BLOCKS`` is its ``ENC_MIN_BLOCKS``), each checked against
-the numpy encoder first (bench/gpu.py's ``EncodeCase``).
+the numpy encoder first (bench/gpu.py's ``EncodeCase``); ``--old-encode FILE`` adds the
+kernel of an earlier encode_source.py (same kernel signature) as ``old``.
 
 A variant is ``base`` or comma-separated ``NAME=VALUE`` macros of lynxkv.gpu.cuda_source
 (``TPT`` and ``MIN_BLOCKS`` among them; ``ROW_TABLE=1``: rows read from the int64 row
@@ -42,6 +43,7 @@ import torch
 from bench.gpu import COPY_TBPS, Case, D, EncodeCase, H, T, _host_seconds, _time
 from lynxkv.gpu.cuda_source import MIN_BLOCKS, SOURCE, TOKENS_PER_THREAD
 from lynxkv.gpu.encode_source import ENC_MIN_BLOCKS
+from lynxkv.gpu.encode_source import SOURCE as ENC_SOURCE
 
 
 class Variant:
@@ -57,9 +59,9 @@ class Variant:
         self.defines = tuple(f"{k}={v}" for k, v in sorted(macros.items()))
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
 
-    def encode_run(self, case: EncodeCase) -> None:
+    def encode_run(self, case: EncodeCase, source: str) -> None:
         defines = (*self.defines, f"ENC_MIN_BLOCKS={self.enc_min_blocks}")
-        case.run(defines=defines)
+        case.run(defines=defines, source=source)
 
     def run(self, case: Case, full: bool) -> None:
         case.run(
@@ -128,27 +130,29 @@ def _streams(out_bytes: int, repeats: int) -> dict[str, float]:
 
 
 def _encode_variants(
-    codec: str, variants: list[Variant], n: int, args: argparse.Namespace
+    codec: str, variants: list[tuple[Variant, str]], n: int, args: argparse.Namespace
 ) -> dict[str, float]:
-    """One codec's encoding kernel, each variant checked, then timed in interleaved rounds."""
+    """One codec's encoding kernel, each variant (and its source) checked, then timed in
+    interleaved rounds."""
     case = EncodeCase(codec, n, seed=400)
     good = []
-    for v in variants:
-        v.encode_run(case)
+    for v, source in variants:
+        v.encode_run(case, source)
         torch.cuda.synchronize()
         try:
             if v.checked:
                 case.check()
-            good.append(v)
+            good.append((v, source))
         except SystemExit as exc:
             print(f"encode {codec} {v.label}: {exc}")
-    times: dict[str, list[float]] = {v.label: [] for v in good}
+    times: dict[str, list[float]] = {v.label: [] for v, _ in good}
     for _ in range(args.rounds):
-        for v in good:
-            times[v.label].append(_time(functools.partial(v.encode_run, case), args.repeats, 1))
+        for v, source in good:
+            run = functools.partial(v.encode_run, case, source)
+            times[v.label].append(_time(run, args.repeats, 1))
     row: dict[str, float] = {}
     print(f"encode {codec}:", end="")
-    for v in good:
+    for v, _ in good:
         gbps = case.bytes_moved() / statistics.median(times[v.label]) / 1e9
         row[v.label] = round(gbps / COPY_TBPS / 1e3, 3)
         print(f" | {v.label} {gbps:.0f} ({row[v.label]:.3f})", end="")
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--old", type=Path, default=None, help="a file defining SOURCE")
     parser.add_argument("--codecs", default="lynx-a4:hnd")
     parser.add_argument("--encode", default="", help="codecs whose encoding kernel to time")
+    parser.add_argument("--old-encode", type=Path, default=None, help="an encode_source.py")
     parser.add_argument("--no-streams", action="store_true", help="skip the stream ceilings")
     parser.add_argument("--gbytes", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=5)
@@ -174,8 +179,11 @@ def main() -> None:
         variants.insert(0, Variant("old", _load_source(args.old)))
     n = int(args.gbytes * 1e9 / (2 * 2 * T * H * D))
     result: dict[str, Any] = {}
+    enc_variants = [(v, ENC_SOURCE) for v in variants if v.label != "old"]
+    if args.old_encode is not None:
+        enc_variants.insert(0, (Variant("old"), _load_source(args.old_encode)))
     for codec in filter(None, args.encode.split(",")):
-        result[f"encode[{codec}]"] = _encode_variants(codec, variants, n, args)
+        result[f"encode[{codec}]"] = _encode_variants(codec, enc_variants, n, args)
     for i, item in enumerate(filter(None, args.codecs.split(","))):
         codec, layout = item.split(":")
         case = Case(codec, layout, n, seed=300 + i)

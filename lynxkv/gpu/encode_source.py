@@ -624,13 +624,15 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const long long e0 = ((long long)t0 * C + c0) >> 3;
     unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
     unsigned char* const r_codes = resid + e0 * RBITS;
+    // BY_TOKEN: the stored fields of token t0 + g (the GB lanes of a token run are GB
+    // tokens long: each stores one token's, once, rather than one lane each token)
+    unsigned int tok_mu = 0, tok_sig = 0;
     // Two forms of pass 2: EXACT where every division of the lane is known to suit
     // div_fast (no per-element check, no fallback: fewer registers live), else checked.
     auto pass2 = [&](auto exact) {
     constexpr bool EXACT = decltype(exact)::value;
     const bool page_fast = EXACT || page_exact;
     auto encode_token = [&](int j, bool valid) {
-        const int t = t0 + j;
         float v[8];
         if (valid) {
             get8(tile + (row0 + j) * D + d0, v);
@@ -685,15 +687,9 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 fsg = f16_up(__fsub_rn(hi, mu));
                 sg = h2f(fsg);
             }
-            if (valid && g == 0) {
-                const long long o = (long long)t * H + h;
-                if (LYNX && U8) {
-                    anchor[off_mu + o] = (unsigned char)fmu;
-                    anchor[off_sigma + o] = (unsigned char)fsg;
-                } else {
-                    ((unsigned short*)(anchor + off_mu))[o] = (unsigned short)fmu;
-                    ((unsigned short*)(anchor + off_sigma))[o] = (unsigned short)fsg;
-                }
+            if (j == g) {  // this lane stores token j's fields after the loop
+                tok_mu = fmu;
+                tok_sig = fsg;
             }
             const float sig = __fadd_rn(sg, EPS), rcp = rcp_step(sig);
             cok = rcp_ok(sig);
@@ -783,6 +779,16 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         pass2(Flag<true>{});
     } else {
         pass2(Flag<false>{});
+    }
+    if (BY_TOKEN && t0 + g < T) {
+        const long long o = (long long)(t0 + g) * H + h;
+        if (LYNX && U8) {
+            anchor[off_mu + o] = (unsigned char)tok_mu;
+            anchor[off_sigma + o] = (unsigned char)tok_sig;
+        } else {
+            ((unsigned short*)(anchor + off_mu))[o] = (unsigned short)tok_mu;
+            ((unsigned short*)(anchor + off_sigma))[o] = (unsigned short)tok_sig;
+        }
     }
 }
 """
