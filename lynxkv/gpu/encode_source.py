@@ -304,28 +304,23 @@ struct Flag {
 };
 
 // Pairs of 16-bit values: NaN-propagating minimum and maximum, two values an instruction.
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 a) { return __bfloat1622float2(a); }
+__device__ __forceinline__ float2 to_float2(__half2 a) { return __half22float2(a); }
+template <typename Two, unsigned int POS, unsigned int NEG>  // NEG, POS: -inf, +inf bits
+struct PairOf {
+    using T2 = Two;
+    static constexpr unsigned int POS_INF = POS, NEG_INF = NEG;
+    static __device__ __forceinline__ T2 bits(unsigned int w) { return *(const T2*)&w; }
+    static __device__ __forceinline__ T2 splat(unsigned int b) { return bits(b * 0x10001u); }
+    static __device__ __forceinline__ T2 min(T2 a, T2 b) { return __hmin2_nan(a, b); }
+    static __device__ __forceinline__ T2 max(T2 a, T2 b) { return __hmax2_nan(a, b); }
+};
 template <typename T>
 struct Pair;
 template <>
-struct Pair<__nv_bfloat16> {
-    using T2 = __nv_bfloat162;
-    static constexpr unsigned int POS_INF = 0x7f80u, NEG_INF = 0xff80u;
-    static __device__ __forceinline__ T2 bits(unsigned int w) { return *(const T2*)&w; }
-    static __device__ __forceinline__ T2 splat(unsigned int b) { return bits(b * 0x10001u); }
-    static __device__ __forceinline__ T2 min(T2 a, T2 b) { return __hmin2_nan(a, b); }
-    static __device__ __forceinline__ T2 max(T2 a, T2 b) { return __hmax2_nan(a, b); }
-    static __device__ __forceinline__ float2 to_float2(T2 a) { return __bfloat1622float2(a); }
-};
+struct Pair<__nv_bfloat16> : PairOf<__nv_bfloat162, 0x7f80u, 0xff80u> {};
 template <>
-struct Pair<__half> {
-    using T2 = __half2;
-    static constexpr unsigned int POS_INF = 0x7c00u, NEG_INF = 0xfc00u;
-    static __device__ __forceinline__ T2 bits(unsigned int w) { return *(const T2*)&w; }
-    static __device__ __forceinline__ T2 splat(unsigned int b) { return bits(b * 0x10001u); }
-    static __device__ __forceinline__ T2 min(T2 a, T2 b) { return __hmin2_nan(a, b); }
-    static __device__ __forceinline__ T2 max(T2 a, T2 b) { return __hmax2_nan(a, b); }
-    static __device__ __forceinline__ float2 to_float2(T2 a) { return __half22float2(a); }
-};
+struct Pair<__half> : PairOf<__half2, 0x7c00u, 0xfc00u> {};
 
 // LYNX: the lynx codec (page stage, log companding), else uniform. BY_TOKEN: chunk
 // statistics per token over a head's D channels (else per channel over 32 tokens).
@@ -419,7 +414,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 a = P::to_float2(lo[i]), b = P::to_float2(hi[i]);
+            const float2 a = to_float2(lo[i]), b = to_float2(hi[i]);
             cmin[2 * i] = a.x;
             cmin[2 * i + 1] = a.y;
             cmax[2 * i] = b.x;
