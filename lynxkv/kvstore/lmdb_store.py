@@ -30,7 +30,13 @@ from lynxkv.errors import StorageFull, StoreError
 from lynxkv.kvstore import lmdb_layout as layout
 from lynxkv.kvstore.lmdb_layout import IndexEntry, LmdbEnv, LmdbOptions
 from lynxkv.kvstore.lmdb_mirror import LmdbMirror, plan_eviction
-from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats, piece_spans
+from lynxkv.kvstore.store import (
+    ObjectInfo,
+    PutHandle,
+    StoreStats,
+    check_size_hint,
+    piece_spans,
+)
 
 __all__ = ["LmdbOptions", "LmdbStore", "plan_eviction"]
 
@@ -129,8 +135,7 @@ class LmdbStore(LmdbMirror):
 
     async def begin_put(self, key: str, size_hint: int | None) -> PutHandle:
         self._check_open()
-        if size_hint is not None and size_hint < 0:
-            raise ValueError(f"size_hint must be >= 0, got {size_hint}")
+        check_size_hint(size_hint)
         up = _Upload(self, key)
         self._uploads.add(up)
         try:

@@ -48,7 +48,13 @@ from lynxkv.errors import NotFound, PreconditionFailed, StorageFull, StoreError
 from lynxkv.kvstore import redis_layout as layout
 from lynxkv.kvstore.redis_client import ClusterClient
 from lynxkv.kvstore.redis_layout import Manifest, RedisOptions
-from lynxkv.kvstore.store import ObjectInfo, PutHandle, StoreStats, piece_spans
+from lynxkv.kvstore.store import (
+    ObjectInfo,
+    PutHandle,
+    StoreStats,
+    check_size_hint,
+    piece_spans,
+)
 
 __all__ = ["RedisClusterStore", "RedisStoreStats"]
 
@@ -142,8 +148,7 @@ class RedisClusterStore:
 
     async def begin_put(self, key: str, size_hint: int | None) -> PutHandle:
         self._check_open()
-        if size_hint is not None and size_hint < 0:
-            raise ValueError(f"size_hint must be >= 0, got {size_hint}")
+        check_size_hint(size_hint)
         up = _Upload(self, key)
         limit = self._maxmemory.get(self._redis.master_name(up.manifest) or "", 0)
         if size_hint and limit and size_hint > limit:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ObjectInfo", "PutHandle", "Store", "StoreStats", "piece_spans"]
+__all__ = ["ObjectInfo", "PutHandle", "Store", "StoreStats", "check_size_hint", "piece_spans"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,12 @@ class Store(Protocol):
     async def close(self) -> None:
         """Flush what is pending and release the backend. Idempotent. Uploads not yet
         committed are aborted; reads still running fail with ``StoreError``."""
+
+
+def check_size_hint(size_hint: int | None) -> None:
+    """``begin_put``'s argument check, the same in every backend: ``ValueError`` if negative."""
+    if size_hint is not None and size_hint < 0:
+        raise ValueError(f"size_hint must be >= 0, got {size_hint}")
 
 
 def piece_spans(start: int, end: int, piece_size: int) -> Iterator[tuple[int, int, int]]:
