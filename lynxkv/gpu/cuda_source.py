@@ -26,8 +26,17 @@ both layouts and three output types. Design for memory bandwidth (docs: bench/gp
   layouts. With int64 rows held in registers the full K kernel spilled at the
   80-register cap; the two cheaper forms spill nothing there and took refine from
   0.74-0.75 to 0.80-0.82 of copy bandwidth (bench/results/gpu-variants.txt);
-* 2- and 4-bit fields are one 16- or 32-bit load per token, 6-bit fields three 16-bit
-  loads (six byte loads before: lynx-a2 refine 0.58 -> 0.67).
+* 2- and 4-bit fields are one 16- or 32-bit load per token, 6-bit anchor fields
+  (lynx-a6) two 32-bit loads from the 4-byte boundary below them (three 16-bit loads
+  before, six byte loads before that: lynx-a2 refine 0.58 -> 0.67);
+* lynx-a2's full code (2 + 6 bits): the table offsets of values k and k + 4 are built
+  together in the halves of one word from byte permutations (``level_offsets``: 25
+  instructions a token for 8 values, from 43), and the 6-bit residual fields go through
+  shared memory (``SixStage``: 16-byte copies of a warp's fields, or 4-byte copies of a
+  thread's where a warp's 8-groups straddle token groups), so that no residual word is
+  held in registers across the barrier and a warp issues 3 global loads a thread for
+  them, not 16: lynx-a2 refine 0.64 -> 0.80 (hnd) and 0.67 -> 0.77 (paged) side by
+  side; the per-thread copies alone 0.78 / 0.75 (bench/results/gpu-variants.txt).
 
 Arithmetic: float32 with explicit round-to-nearest intrinsics (``__fadd_rn``,
 ``__fmul_rn``) so that the compiler contracts nothing into an FMA: each value is
@@ -37,16 +46,17 @@ bf16 / fp16 (round-to-nearest-even, as torch's ``.to``).
 
 Tuning (H200, bf16, 2026-11-30; bench/gpu_variants.py times compiled variants side by
 side, each checked bit for bit first; GPU time of the launches alone): this kernel runs
-at 0.84-0.92 of copy bandwidth for decode_anchor and 0.80-0.87 for refine_residual
-(lynx-a2's refine 0.64-0.67); a bare streaming kernel with the same mix of reads and
-writes reaches 0.94-0.96, and this kernel with its arithmetic and table lookups removed
-(``-DSKELETON=1``) 0.93-0.99 (lynx-a2 refine 0.83). Kept: 3 blocks of 256 per SM (80
-registers), 8 tokens a thread. Measured against it and not kept: 2 blocks (-0.10 to
-+0.01), 4 tokens with 4 blocks (-0.08 to +0.02), 16 tokens with 2 blocks (-0.12 to
-+0.06, mostly negative), streaming stores (``-DSTORE_CS=1``: equal to -0.02), threads
-in the hnd destination's order (-0.02 to -0.05), predicated stores (within 0.01), 32
-bank-spread copies of the 256-entry table (refine -0.01 to -0.06), a persistent grid
-loading one item ahead (it spilled; 0.55 against 0.63 under the earlier timing).
+at 0.80-0.92 of copy bandwidth for decode_anchor and 0.77-0.87 for refine_residual; a
+bare streaming kernel with the same mix of reads and writes reaches 0.94-0.96, and this
+kernel with its arithmetic and table lookups removed (``-DSKELETON=1``) 0.90-0.99.
+Kept: 3 blocks of 256 per SM (80 registers), 8 tokens a thread. Measured against it
+and not kept: 2 blocks (-0.10 to +0.01), 4 tokens with 4 blocks (-0.08 to +0.02), 16
+tokens with 2 blocks (-0.12 to +0.06, mostly negative), streaming stores
+(``-DSTORE_CS=1``: equal to -0.02), threads in the hnd destination's order (-0.02 to
+-0.05), predicated stores (within 0.01), 32 bank-spread copies of the 256-entry table
+(refine -0.01 to -0.06), a persistent grid loading one item ahead (it spilled; 0.55
+against 0.63 under the earlier timing), for 6-bit fields a 32- and a 16-bit load in
+place of two 32-bit ones (-0.01 to -0.05).
 Earlier figures for this kernel (0.49-0.67) timed the host's launch work too
 (docs/benchmarks.md).
 
@@ -89,6 +99,9 @@ SOURCE = r"""
 #ifndef STORE_CS
 #define STORE_CS 0  // 1: streaming (evict-first) stores
 #endif
+#ifndef STAGE_SIX
+#define STAGE_SIX 1  // 1: 6-bit residual fields through shared memory (SixStage)
+#endif
 #ifndef SKELETON
 #define SKELETON 0  // 1 (bench/gpu_variants.py only): loads and stores, no table or arithmetic
 #endif
@@ -114,22 +127,29 @@ template <> struct WordOf<true> { typedef unsigned int type; };
 template <int BITS>
 struct Fields {
     typedef typename WordOf<(BITS <= 4)>::type Word;
-    // 4-bit fields: one 32-bit load; 2-bit: one 16-bit load; 6-bit: three 16-bit loads,
-    // when the address allows it (every token's stride keeps the first one's alignment)
+    // 4-bit fields: one 32-bit load; 2-bit: one 16-bit load; 6-bit: two 32-bit loads
+    // from the 4-byte boundary at or below the fields, when the address allows it (every
+    // token's stride keeps the first one's 2- or 4-byte alignment)
     static constexpr bool WIDE = BITS == 4 || BITS == 2 || BITS == 6;
 
     static __device__ __forceinline__ bool aligned(const unsigned char* p) {
         return WIDE && ((size_t)p & (BITS == 4 ? 3 : 1)) == 0;
     }
 
+    // The fields at p; ``s``: for aligned 6-bit fields, 8 * (p mod 4) (0 or 16)
     template <bool ALIGNED>
-    static __device__ __forceinline__ Word load(const unsigned char* p) {
+    static __device__ __forceinline__ Word load(const unsigned char* p, unsigned int s) {
         if (ALIGNED && BITS == 4) return __ldg((const unsigned int*)p);
         if (ALIGNED && BITS == 2) return __ldg((const unsigned short*)p);
-        if constexpr (BITS == 6) {  // three 16-bit loads instead of six byte loads
+        if constexpr (BITS == 6) {
+            // The 8 bytes from the 4-byte boundary at or below p (p is 2-aligned), shifted
+            // down to p: bits 48-63 are the next fields' first bytes, which no caller
+            // reads. When p is 4-aligned the second load reads 2 bytes past the fields:
+            // load_tokens keeps the payload's last fields off this path.
             if (ALIGNED) {
-                const unsigned short* q = (const unsigned short*)p;
-                return (Word)__ldg(q) | (Word)__ldg(q + 1) << 16 | (Word)__ldg(q + 2) << 32;
+                const unsigned int* q = (const unsigned int*)((size_t)p & ~(size_t)3);
+                const unsigned int w0 = __ldg(q), w1 = __ldg(q + 1);
+                return (Word)__funnelshift_r(w0, w1, s) | (Word)(w1 >> s) << 32;
             }
         }
         Word w = 0;  // odd widths, or a short last tensor's unaligned codes: byte by byte
@@ -139,16 +159,126 @@ struct Fields {
     }
 
     // The fields of tokens 0..n-1 (0 past n), ``stride`` bytes apart from ``p``. The
-    // address check is done once here, not per token (every stride keeps alignment).
+    // address check is done once here, not per token: every stride keeps alignment, and
+    // for 6-bit fields a stride of whole 4-byte words keeps p mod 4, so one shift amount
+    // is held while the loads are in flight (odd strides, 8-groups a token odd: bytes).
+    // ``last``: these tokens include the last fields of the payload (6-bit fields are
+    // then read byte by byte, so that no load reaches past the payload).
     static __device__ __forceinline__ void load_tokens(
-        const unsigned char* p, int stride, int n, Word* w) {
-        if (aligned(p)) {
+        const unsigned char* p, int stride, int n, bool last, Word* w) {
+        if (aligned(p) && !(BITS == 6 && (last || (stride & 3) != 0))) {
+            const unsigned int s = ((unsigned int)(size_t)p & 2u) * 8u;
 #pragma unroll
-            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<true>(p + j * stride) : 0;
+            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<true>(p + j * stride, s) : 0;
         } else {
 #pragma unroll
-            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<false>(p + j * stride) : 0;
+            for (int j = 0; j < TPT; ++j) w[j] = j < n ? load<false>(p + j * stride, 0) : 0;
         }
+    }
+};
+
+// 16 bytes global -> shared, asynchronously (sm_80+; waited for by cp_async_wait).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+}
+
+// 6-bit residual fields (lynx-a2) through shared memory. Warp form: a warp's fields of
+// TPT tokens (32 consecutive 8-groups: 192 bytes a token) are copied in 16-byte pieces,
+// 3 a lane: two 32-bit loads a token from global memory, each over a 192-byte span, cost
+// lynx-a2's refine ~0.06 of copy bandwidth against one (bench/gpu_variants.py, SKELETON
+// probes). Thread form, where a warp's groups straddle token groups: each thread copies
+// the two 32-bit words holding its fields of a token (4-byte copies). Either way no
+// residual word is held in registers across the barrier (the paged kernel spilled).
+struct SixStage {
+    // whether a kernel stages its residual fields (cp.async needs sm_80)
+    static __host__ __device__ constexpr bool used(bool full, int rbits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        return STAGE_SIX && full && rbits == 6;
+#else
+        return false;
+#endif
+    }
+    static constexpr int ROW = 32 * 6;  // bytes of a warp's fields, one token
+    static constexpr int BYTES = TPT * ROW;
+    static constexpr int THREAD_WORDS = 2 * TPT * 256;  // thread form, a block
+    static constexpr int BLOCK_BYTES =
+        8 * BYTES > 4 * THREAD_WORDS ? 8 * BYTES : 4 * THREAD_WORDS;
+
+    // Whether this block's warps can be staged: each warp's 32 groups in one token group
+    // (G % 32 == 0), every live thread's token group whole (TPT tokens), the copies
+    // 16-byte aligned (a warp's fields start 192 * k bytes into the residual payload).
+    static __device__ __forceinline__ bool block_usable(
+        unsigned long long residual, int T, unsigned int G, int items_per_job) {
+        const unsigned int end = min((blockIdx.x + 1) * blockDim.x, (unsigned int)items_per_job);
+        return G % 32 == 0 && (residual & 15) == 0 && end <= (unsigned int)(T / TPT) * G;
+    }
+    static __device__ __forceinline__ void copy(
+        unsigned char* s, const unsigned char* warp_p, int stride, int lane) {
+#pragma unroll
+        for (int k = 0; k < (BYTES / 16 + 31) / 32; ++k) {
+            const int c = lane + 32 * k;  // piece c: token c / 12, bytes 16 (c % 12) on
+            if (c < BYTES / 16) {
+                const int row = c / 12;
+                cp_async16(s + 16 * c, warp_p + row * stride + 16 * (c - 12 * row));
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    // This lane's fields of token j (bits 48-63: the next lane's first bytes).
+    static __device__ __forceinline__ unsigned long long fields(
+        const unsigned char* s, int lane, int j) {
+        const unsigned int* q = (const unsigned int*)(s + j * ROW) + (lane * 6 >> 2);
+        return join(q[0], q[1], (lane & 1) * 16);
+    }
+    static __device__ __forceinline__ unsigned long long join(
+        unsigned int w0, unsigned int w1, unsigned int sh) {
+        return (unsigned long long)__funnelshift_r(w0, w1, sh) |
+               (unsigned long long)(w1 >> sh) << 32;
+    }
+
+    // Thread form: fields at p (2-aligned), ``stride`` bytes a token (whole words), not
+    // the payload's last (whose second word would reach past it). Words (2j + k) * 256
+    // + threadIdx.x of the block's area: consecutive threads, consecutive banks.
+    static __device__ __forceinline__ bool thread_usable(
+        const unsigned char* p, int stride, bool last) {
+        return ((((size_t)p & 1) | (size_t)(stride & 3)) == 0) && !last;
+    }
+    static __device__ __forceinline__ void copy_thread(
+        unsigned int* s, const unsigned char* p, int stride, int n) {
+        const unsigned char* q = (const unsigned char*)((size_t)p & ~(size_t)3);
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            if (j < n) {
+                cp_async4(s + 2 * j * 256 + threadIdx.x, q + j * stride);
+                cp_async4(s + (2 * j + 1) * 256 + threadIdx.x, q + j * stride + 4);
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    // The same words read byte by byte (any address, any stride), stored unshifted.
+    static __device__ __forceinline__ void copy_thread_bytes(
+        unsigned int* s, const unsigned char* p, int stride, int n) {
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            if (j < n) {
+                const unsigned long long w = Fields<6>::template load<false>(p + j * stride, 0);
+                s[2 * j * 256 + threadIdx.x] = (unsigned int)w;
+                s[(2 * j + 1) * 256 + threadIdx.x] = (unsigned int)(w >> 32);
+            }
+        }
+    }
+    static __device__ __forceinline__ unsigned long long fields_thread(
+        const unsigned int* s, int j, unsigned int sh) {
+        return join(s[2 * j * 256 + threadIdx.x], s[(2 * j + 1) * 256 + threadIdx.x], sh);
     }
 };
 
@@ -247,28 +377,53 @@ __device__ __forceinline__ void store8(__half* dst, const float* v) {
     store16((uint4*)dst, u);
 }
 
-// The level-table index of each of 8 values: its anchor field, or for the full code
-// ``anchor << RBITS | residual``.
+// The byte offset in the level table (4 * index) of each of 8 values; the index is the
+// anchor field, or for the full code ``anchor << RBITS | residual``.
 template <int ABITS, int RBITS, bool FULL, typename AW, typename RW>
-__device__ __forceinline__ void level_indices(AW a, RW r, unsigned int* idx) {
-    if (FULL && ABITS == 4 && RBITS == 4) {
+__device__ __forceinline__ void level_offsets(AW a, RW r, unsigned int* off) {
+    if constexpr (FULL && ABITS == 4 && RBITS == 4) {
         // byte k of lo (hi) is the index of value 2k (2k + 1): nibbles merged by word ops
         const unsigned int aw = (unsigned int)a, rw = (unsigned int)r;
         const unsigned int lo = (aw << 4 & 0xF0F0F0F0u) | (rw & 0x0F0F0F0Fu);
         const unsigned int hi = (aw & 0xF0F0F0F0u) | (rw >> 4 & 0x0F0F0F0Fu);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            idx[2 * k] = lo >> (8 * k) & 0xFFu;
-            idx[2 * k + 1] = hi >> (8 * k) & 0xFFu;
+            off[2 * k] = (lo >> (8 * k) & 0xFFu) << 2;
+            off[2 * k + 1] = (hi >> (8 * k) & 0xFFu) << 2;
         }
-        return;
-    }
+    } else if constexpr (FULL && ABITS == 2 && RBITS == 6) {
+        // The offsets of values k and k + 4 are built together, in the two 16-bit halves
+        // of one word: residual bytes 0-2 hold fields 0-3 as bytes 3-5 hold fields 4-7,
+        // so one byte permutation puts fields k and k + 4 at the same bits of each half
+        // (x: bytes 0-1 | 3-4, fields 0, 1 | 4, 5; y: bytes 1-2 | 4-5, fields 2, 3 | 6, 7;
+        // at bits 0, 6 and 4, 10 of a half). Anchor field k sits at bit 8 + 2k of half 0
+        // of ``an``, field k + 4 at the same bit of half 1. Each half then takes the
+        // residual field shifted to bits 2-7 (the mask R) and, beside it, the anchor
+        // field at bits 8-9 from an anchor word whose other bits outside R are zero.
+        const unsigned int lo = (unsigned int)r, hi = (unsigned int)(r >> 32);
+        const unsigned int x = __byte_perm(lo, hi, 0x4310);
+        const unsigned int y = __byte_perm(lo, hi, 0x5421);
+        const unsigned int an = __byte_perm((unsigned int)a, 0u, 0x1404);
+        constexpr unsigned int R = 0x00FC00FCu;
+        unsigned int pair[4];
+        pair[0] = (x << 2 & R) | (an & 0x03000300u);
+        pair[1] = (x >> 4 & R) | ((an & 0x0F000F00u) >> 2 & ~R);
+        pair[2] = (y >> 2 & R) | ((an & 0x3F003F00u) >> 4 & ~R);
+        pair[3] = (y >> 8 & R) | (an >> 6 & ~R);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        idx[i] = (unsigned int)(a >> (ABITS * i)) & ((1u << ABITS) - 1);
-        if (FULL) {
-            const unsigned int rr = (unsigned int)(r >> (RBITS * i)) & ((1u << RBITS) - 1);
-            idx[i] = idx[i] << RBITS | rr;
+        for (int k = 0; k < 4; ++k) {
+            off[k] = pair[k] & 0xFFFFu;
+            off[k + 4] = pair[k] >> 16;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            unsigned int idx = (unsigned int)(a >> (ABITS * i)) & ((1u << ABITS) - 1);
+            if (FULL) {
+                const unsigned int rr = (unsigned int)(r >> (RBITS * i)) & ((1u << RBITS) - 1);
+                idx = idx << RBITS | rr;
+            }
+            off[i] = idx << 2;
         }
     }
 }
@@ -281,17 +436,14 @@ __device__ __forceinline__ void level_indices(AW a, RW r, unsigned int* idx) {
 // (the hnd layout: computed, no loads and no registers held); ROWS_UNITS:
 // ``((const int*)row_off)[t]`` in 16-byte units (vLLM's slots: half the registers).
 template <typename OutT, int ABITS, int RBITS, bool FULL, bool PAGE, bool BY_TOKEN, bool U8,
-          int ROWS>
-__global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
+          int ROWS, bool STAGED>
+__device__ __forceinline__ void dequant_body(
     const Job* __restrict__ jobs, const long long* __restrict__ row_off,
     const float* __restrict__ tables,  // [3][256]: level, u8 mu, u8 sigma
     int T, int H, int D, int chunk_tokens, int page_tokens,
     long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
-    long long stride_h, int items_per_job, long long row0, long long row_step) {
-    __shared__ float s_lev[256];
-    __shared__ float s_mu[U8 ? 256 : 1];
-    __shared__ float s_sig[U8 ? 256 : 1];
-
+    long long stride_h, int items_per_job, long long row0, long long row_step,
+    float* s_lev, float* s_mu, float* s_sig, unsigned char* s_six) {
     // One job (section) per grid row: no 64-bit division to find it. Divisions by
     // run-time values cost tens of instructions: unsigned, and once per thread.
     const unsigned int item = blockIdx.x * blockDim.x + threadIdx.x;
@@ -314,10 +466,29 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     const long long e0 = (long long)t0 * G + g;  // index of the 8-group of (t0, c0)
     typename Fields<ABITS>::Word af[TPT];
     typename Fields<RBITS>::Word rf[TPT];
-    Fields<ABITS>::load_tokens(pay + off_codes + e0 * ABITS, G * ABITS, n, af);
+    const bool last = t0 + n == T && g == (int)G - 1;  // the payload's last 8-group
+    Fields<ABITS>::load_tokens(pay + off_codes + e0 * ABITS, G * ABITS, n, last, af);
+    // 6-bit residual fields: through shared memory (SixStage's warp form, or its thread
+    // form: by 4-byte copies, or byte by byte where those cannot be used), or in
+    // registers in kernels without SixStage
+    constexpr bool SIX = SixStage::used(FULL, RBITS);
+    const int lane = threadIdx.x & 31;
+    unsigned char* six = s_six + (threadIdx.x >> 5) * SixStage::BYTES;  // this warp's
+    const unsigned char* rp = (const unsigned char*)jb.residual + e0 * RBITS;
+    unsigned int six_shift = 0;  // thread form: 8 * (rp mod 4), 0 when copied bytewise
     if (FULL) {
-        const unsigned char* res = (const unsigned char*)jb.residual;
-        Fields<RBITS>::load_tokens(res + e0 * RBITS, G * RBITS, n, rf);
+        if (STAGED) {
+            if (live) SixStage::copy(six, rp - lane * 6, G * 6, lane);
+        } else if (SIX) {
+            if (SixStage::thread_usable(rp, G * 6, last)) {
+                six_shift = ((unsigned int)(size_t)rp & 2u) * 8u;
+                SixStage::copy_thread((unsigned int*)s_six, rp, G * 6, n);
+            } else {
+                SixStage::copy_thread_bytes((unsigned int*)s_six, rp, G * 6, n);
+            }
+        } else {
+            Fields<RBITS>::load_tokens(rp, G * RBITS, n, last, rf);
+        }
     } else {
 #pragma unroll
         for (int j = 0; j < TPT; ++j) rf[j] = 0;
@@ -381,6 +552,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
             s_sig[i] = tables[512 + i];
         }
     }
+    if (SIX) cp_async_wait();
     __syncthreads();
     if (!live) return;
 
@@ -405,12 +577,18 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
                 csig[i] = sg;
             }
         }
-        unsigned int lev_idx[8];
-        level_indices<ABITS, RBITS, FULL>(af[j], rf[j], lev_idx);
+        unsigned int lev_off[8];
+        if (STAGED) {
+            rf[j] = SixStage::fields(six, lane, j);
+        } else if (SIX) {
+            rf[j] = SixStage::fields_thread((const unsigned int*)s_six, j, six_shift);
+        }
+        level_offsets<ABITS, RBITS, FULL>(af[j], rf[j], lev_off);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            const unsigned int idx = lev_idx[i];
-            const float lev = SKELETON ? 0.0f : s_lev[idx];
+            const unsigned int idx = lev_off[i];
+            const float lev =
+                SKELETON ? 0.0f : *(const float*)((const unsigned char*)s_lev + idx);
             if (SKELETON) {  // bench only: the memory traffic without lookups or arithmetic
                 v[i] = __uint_as_float(idx);
             } else if (PAGE) {  // xn = mu + (sigma + EPS) * y;  x = g_min + (g_scale + EPS) * xn
@@ -451,6 +629,34 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
         float v[8];
         values(j, v);
         store8(dst + row(j), v);
+    }
+}
+
+template <typename OutT, int ABITS, int RBITS, bool FULL, bool PAGE, bool BY_TOKEN, bool U8,
+          int ROWS>
+__global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
+    const Job* __restrict__ jobs, const long long* __restrict__ row_off,
+    const float* __restrict__ tables, int T, int H, int D, int chunk_tokens, int page_tokens,
+    long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
+    long long stride_h, int items_per_job, long long row0, long long row_step) {
+    __shared__ float s_lev[256];
+    __shared__ float s_mu[U8 ? 256 : 1];
+    __shared__ float s_sig[U8 ? 256 : 1];
+    constexpr bool SIX = SixStage::used(FULL, RBITS);
+    __shared__ __align__(16) unsigned char s_six[SIX ? SixStage::BLOCK_BYTES : 16];
+    // Two compiled bodies, so that the staged one holds no residual words in registers
+    // across the barrier; the choice is the same for the whole block (it has a barrier).
+    if (SIX && SixStage::block_usable(jobs[blockIdx.y].residual, T, H * D >> 3,
+                                      items_per_job)) {
+        dequant_body<OutT, ABITS, RBITS, FULL, PAGE, BY_TOKEN, U8, ROWS, true>(
+            jobs, row_off, tables, T, H, D, chunk_tokens, page_tokens, off_scale, off_mu,
+            off_sigma, off_codes, stride_h, items_per_job, row0, row_step, s_lev, s_mu,
+            s_sig, s_six);
+    } else {
+        dequant_body<OutT, ABITS, RBITS, FULL, PAGE, BY_TOKEN, U8, ROWS, false>(
+            jobs, row_off, tables, T, H, D, chunk_tokens, page_tokens, off_scale, off_mu,
+            off_sigma, off_codes, stride_h, items_per_job, row0, row_step, s_lev, s_mu,
+            s_sig, s_six);
     }
 }
 """

@@ -31,9 +31,9 @@ needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUD
 
 
 def _object(
-    codec: str, seed: int, tokens: int, source: str = "bf16"
+    codec: str, seed: int, tokens: int, source: str = "bf16", heads: int = 2, dim: int = 64
 ) -> tuple[Header, list[Section]]:
-    kv = make_kv(seed, layers=2, tokens=tokens, heads=2, dim=64, dtype=source)
+    kv = make_kv(seed, layers=2, tokens=tokens, heads=heads, dim=dim, dtype=source)
     decoder = ObjectDecoder()
     sections = decoder.feed(encode(kv, codec))
     assert decoder.header is not None and decoder.complete()
@@ -125,10 +125,17 @@ def _check(target: Target, refs: dict[tuple[int, str], Any], dtype: torch.dtype)
 
 
 def _roundtrip(
-    codec: str, layout: Layout, out: str, tokens: int, backend: Backend, device: str
+    codec: str,
+    layout: Layout,
+    out: str,
+    tokens: int,
+    backend: Backend,
+    device: str,
+    heads: int = 2,
+    dim: int = 64,
 ) -> None:
     seed = abs(hash((codec, layout, out, tokens))) % 10_000  # fresh data per case
-    header, sections = _object(codec, seed, tokens)
+    header, sections = _object(codec, seed, tokens, heads=heads, dim=dim)
     dtype = DTYPES[out]
     target = Target(layout, header, dtype, device)
     anchors = [s for s in sections if s.ref.stream == "anchor"]
@@ -246,6 +253,29 @@ def test_rows_reach_the_kernel_in_their_cheapest_form() -> None:
 @pytest.mark.parametrize("tokens", [256, 300, 37])
 def test_kernels_match_the_codec(codec: str, layout: Layout, out: str, tokens: int) -> None:
     _roundtrip(codec, layout, out, tokens, "cupy", "cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("codec", ["lynx-a2", "lynx-a6", "lynx-a3"])
+@pytest.mark.parametrize("layout", ["hnd", "paged"])
+def test_kernels_with_an_odd_number_of_8_groups_a_token(codec: str, layout: Layout) -> None:
+    """3 heads of 24 channels: 9 groups of 8 a token, so 6-bit fields (lynx-a2's residual,
+    lynx-a6's anchor) sit 2 mod 4 bytes apart from one token to the next and are read
+    byte by byte, as are 3-bit fields always."""
+    _roundtrip(codec, layout, "bf16", 37, "cupy", "cuda", heads=3, dim=24)
+    _roundtrip(codec, layout, "f16", 256, "cupy", "cuda", heads=3, dim=24)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("codec", ["lynx-a2", "lynx-a6"])
+@pytest.mark.parametrize("layout", ["hnd", "paged"])
+def test_kernels_with_whole_warps_of_8_groups(codec: str, layout: Layout) -> None:
+    """4 heads of 64 channels: 32 groups of 8 a token, so a warp's 6-bit residual fields
+    (lynx-a2) are staged in shared memory, except in the last, short token group."""
+    _roundtrip(codec, layout, "bf16", 300, "cupy", "cuda", heads=4, dim=64)
+    _roundtrip(codec, layout, "f32", 256, "cupy", "cuda", heads=4, dim=64)
 
 
 @pytest.mark.gpu
