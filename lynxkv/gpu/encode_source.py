@@ -492,6 +492,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // Page metadata (lynx): g_min rounded down, g_scale = max - g_min rounded up.
     float gmin[8], gscl[8], grcp[8];  // grcp: rcp_step(gscl)
     bool gok = true;                   // every gscl suits div_fast
+    int block_bad = 0;                 // lynx: some input of the block is flagged
     if (LYNX) {
         if (s == 0) {
 #pragma unroll
@@ -500,7 +501,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 s_pmax[warp * D + d0 + i] = cmax[i];
             }
         }
-        __syncthreads();
+        block_bad = __syncthreads_or(bad);
         // one thread a channel: the page's extremes, its metadata (stored), and g_min and
         // g_scale + EPS for the lanes in warp 0's rows
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
@@ -610,6 +611,10 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
     }
 
+
+    // A flagged input fails the whole encode (encode.py), so its fields are not needed;
+    // skipping them keeps pass 2's bound on |y| (below) unconditional.
+    if (LYNX && block_bad) return;
 
     // Pass 2: the fields of every element, the per-token statistics first where needed.
     // (through a shuffle, which the compiler cannot fold: else it splits the constant
@@ -723,11 +728,15 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 *(unsigned int*)(r_codes + o) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
             }
         } else if constexpr (LYNX) {
-            // y in [-1, 1] (clamped as numpy does; the metadata's rounding keeps it there)
+            // |y| <= 1 without numpy's clamp: |xn - mu| (rounded) <= spread, the largest of
+            // them over the chunk, <= sigma (rounded up from it, or the u8 scale covering
+            // it) < sigma + EPS, and a correctly rounded quotient of a <= b is <= 1; the
+            // table lookup relies on it (an input that is not finite never gets here).
+            // Tokens past the section's end (not stored) read code 0.
             unsigned int cb[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i)
-                cb[i] = code_bits(fminf(fabsf(q[i]), 1.0f), thr_at, alpha, scale);
+                cb[i] = code_bits(valid ? fabsf(q[i]) : 0.0f, thr_at, alpha, scale);
             // the even and odd values' codes and signs, 4 to a word (bitpack order: value
             // 2k is in the lower field); q is never -0 (div8), so its sign is y < 0
             unsigned int ae, ao, re, ro;
