@@ -110,6 +110,10 @@ __device__ __forceinline__ void get8(const float* p, float* v) {
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+
 __device__ __forceinline__ float h2f(unsigned int bits) {
     return __half2float(__ushort_as_half((unsigned short)bits));
 }
@@ -274,18 +278,19 @@ __device__ __forceinline__ float div_fast(float a, float b, float y) {
     const float q = __fmul_rn(a, y);
     return __fmaf_rn(y, __fmaf_rn(-b, q, a), q);
 }
-// q = (x - base) / d for 8 values, rounded as __fdiv_rn: div_fast with the reciprocals
+// q = (x - base) / d for N values, rounded as __fdiv_rn: div_fast with the reciprocals
 // r, each dividend checked unless ``exact`` (a proof covers them all), and __fdiv_rn for
-// the 8 when a dividend, or (``ok`` false) a divisor, is outside div_fast's range.
-__device__ __forceinline__ void div8(const float* x, const float* base, const float* d,
+// all N when a dividend, or (``ok`` false) a divisor, is outside div_fast's range.
+template <int N>
+__device__ __forceinline__ void divn(const float* x, const float* base, const float* d,
                                      const float* r, bool ok, bool exact, float* q) {
     bool slow = !ok;
     if (exact) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) q[i] = div_fast(__fsub_rn(x[i], base[i]), d[i], r[i]);
+        for (int i = 0; i < N; ++i) q[i] = div_fast(__fsub_rn(x[i], base[i]), d[i], r[i]);
     } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < N; ++i) {
             const float a = __fsub_rn(x[i], base[i]);
             slow |= div_slow(a);
             q[i] = div_fast(a, d[i], r[i]);
@@ -293,9 +298,55 @@ __device__ __forceinline__ void div8(const float* x, const float* base, const fl
     }
     if (slow) {  // + 0 turns a -0 into +0, as div_fast's last FMA does
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < N; ++i)
             q[i] = __fadd_rn(__fdiv_rn(__fsub_rn(x[i], base[i]), d[i]), 0.0f);
     }
+}
+__device__ __forceinline__ void div8(const float* x, const float* base, const float* d,
+                                     const float* r, bool ok, bool exact, float* q) {
+    divn<8>(x, base, d, r, ok, exact, q);
+}
+
+// The sums of a chunk's xn over its n tokens, per channel of the lane's 8 (``sum``), added
+// in token order as numpy does. The 32 / (D / 8) lanes of a channel group (s = 0, 1, ..)
+// split its 8 channels (up to 8 lanes, CPL channels each); each channel's sum is then
+// read from the lane that made it. ``x``: the chunk's first row at the lane's channels.
+template <typename InT, int D>
+__device__ __forceinline__ void mean_sums(const InT* x, int n, int s, int g,
+                                          const float* gmin, const float* gscl,
+                                          const float* grcp, bool ok, bool exact, float* sum) {
+    constexpr int GB = D / 8, NS = 32 / GB;     // lanes of a channel group
+    constexpr int WORKERS = NS < 8 ? NS : 8;    // those that add
+    constexpr int CPL = 8 / WORKERS;            // channels each
+    float b[CPL], d[CPL], r[CPL], acc[CPL];    // the lane's channels: page metadata, sum
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+        b[k] = gmin[k];
+        d[k] = gscl[k];
+        r[k] = grcp[k];
+#pragma unroll
+        for (int w = 1; w < WORKERS; ++w) {
+            if (s == w) {
+                b[k] = gmin[w * CPL + k];
+                d[k] = gscl[w * CPL + k];
+                r[k] = grcp[w * CPL + k];
+            }
+        }
+        acc[k] = 0.0f;
+    }
+    if (s < WORKERS) {
+        const InT* p = x + s * CPL;
+        for (int j = 0; j < n; ++j) {
+            float v[CPL], xn[CPL];
+#pragma unroll
+            for (int k = 0; k < CPL; ++k) v[k] = to_float(p[j * D + k]);
+            divn<CPL>(v, b, d, r, ok, exact, xn);
+#pragma unroll
+            for (int k = 0; k < CPL; ++k) acc[k] = __fadd_rn(acc[k], xn[k]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum[i] = __shfl_sync(FULL, acc[i % CPL], (i / CPL) * GB + g);
 }
 
 template <bool B>
@@ -543,20 +594,8 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             div8(cmin, gmin, gscl, grcp, gok, page_exact, xlo);
 #pragma unroll
             for (int i = 0; i < 8; ++i) sum[i] = 0.0f;
-            if (MEAN) {  // numpy adds the chunk's xn in token order
-                if (s == 0 && tw < T) {
-                    const int n = min(32, T - tw);
-                    for (int j = 0; j < n; ++j) {
-                        float v[8], xn[8];
-                        get8(tile + (warp * 32 + j) * D + d0, v);
-                        div8(v, gmin, gscl, grcp, gok, page_exact, xn);
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) sum[i] = __fadd_rn(sum[i], xn[i]);
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < 8; ++i) sum[i] = __shfl_sync(FULL, sum[i], g);
-            }
+            if (MEAN) mean_sums<InT, D>(tile + warp * 32 * D + d0, min(32, T - tw), s, g,
+                                        gmin, gscl, grcp, gok, page_exact, sum);
             const double count = (double)max(1, min(32, T - tw));
 #pragma unroll
             for (int i = 0; i < 8; ++i) {

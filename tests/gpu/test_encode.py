@@ -470,11 +470,14 @@ def test_gpu_tiny_values_equal_numpy(name: str, source: str) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dim", [8, 32, 128, 256])
-def test_gpu_encode_head_dims(dim: int) -> None:
+@pytest.mark.parametrize("dim", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("name", ["lynx-a4", "lynx-a4-paper"])
+def test_gpu_encode_head_dims(name: str, dim: int) -> None:
+    """Every head_dim the kernel takes; the paper's chunk means are added by 1 to 8 lanes
+    of a channel group, as many as D allows."""
     kv = make_kv(dim, layers=1, tokens=300, heads=2, dim=dim)
     k, v = _tensors(kv, "thd", "cuda")
-    _assert_contract(encode(k, v, "lynx-a4", backend="cupy"), numpy_encode(kv, "lynx-a4"))
+    _assert_contract(encode(k, v, name, backend="cupy"), numpy_encode(kv, name))
 
 
 @pytest.mark.gpu
