@@ -27,12 +27,12 @@ Divisions by a shared divisor (per channel or token) take its reciprocal once an
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts;
 where a proof covers every division of a lane, pass 2 runs a copy without checks.
 
-Measured (H200, bench/gpu.py, 2026-11-30 11:20 UTC, GPU time of the launches): 0.50 of
-copy bandwidth for lynx-a4, 0.79 for uniform-a4, 0.34 for lynx-a4-paper, with no field
+Measured (H200, bench/gpu.py, 2026-11-30 12:13 UTC, GPU time of the launches): 0.51 of
+copy bandwidth for lynx-a4, 0.79 for uniform-a4, 0.39 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py, one commit earlier): lynx-a4 30 (K) and 36 (V) instructions an
-element, issued on about 70% of scheduler cycles (68 / 76 at the session's start);
-uniform-a4 17 and 23.
+(bench/gpu_profile.py, at a2ab895): lynx-a4 30 (K) and 36 (V) instructions an element,
+issued on about 70% of scheduler cycles (68 / 76 at the first session's start);
+uniform-a4 17 and 23; one fewer since (no clamp on |y|).
 docs/benchmarks.md has each step and the reading.
 
 Known gap: CuPy hands NVRTC ``-ftz=true`` after the caller's options (cupy/cupy#9576;
