@@ -30,9 +30,9 @@ where a proof covers every division of a lane, pass 2 runs a copy without checks
 Measured (H200, bench/gpu.py, 2026-11-30 12:13 UTC, GPU time of the launches): 0.51 of
 copy bandwidth for lynx-a4, 0.79 for uniform-a4, 0.39 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py, at a2ab895): lynx-a4 30 (K) and 36 (V) instructions an element,
-issued on about 70% of scheduler cycles (68 / 76 at the first session's start);
-uniform-a4 17 and 23; one fewer since (no clamp on |y|).
+(bench/gpu_profile.py, at b3ee5ac): lynx-a4 30.7 (K) and 36.1 (V) instructions an
+element, issued on about 71% of scheduler cycles (68 / 76 at the first session's
+start), lynx-a4-paper 47.4; uniform-a4 17 and 23 (at a2ab895).
 docs/benchmarks.md has each step and the reading.
 
 Known gap: CuPy hands NVRTC ``-ftz=true`` after the caller's options (cupy/cupy#9576;
