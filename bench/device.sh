@@ -19,7 +19,8 @@
 #
 # Kernel work without the model, in one call: bench/device.sh run CMD.. with carry
 # [".gpuw"] (the wheels only), e.g. CMD: python3 bench/gpu_variants.py --codecs
-# lynx-a2:hnd --variants "base;SKELETON=1", or python3 -m pytest tests/gpu -m gpu -n 8.
+# lynx-a2:hnd --variants "base;SKELETON=1", or python3 -m pytest tests/gpu -m gpu -n 8
+# -p no:benchmark (pytest-benchmark is installed there, and refuses to run beside xdist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
