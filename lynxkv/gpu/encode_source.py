@@ -43,14 +43,20 @@ coded differently from numpy. The decoding kernel shares it.
 
 from __future__ import annotations
 
+from lynxkv.gpu.async_copy import ASYNC_COPY
+
 __all__ = ["ENC_MIN_BLOCKS", "SOURCE", "kernel_name"]
 
 #: Blocks per SM the kernel's register budget allows by default (``ENC_MIN_BLOCKS``).
 ENC_MIN_BLOCKS = 3
 
-SOURCE = r"""
+SOURCE = (
+    r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+"""
+    + ASYNC_COPY
+    + r"""
 
 #define EPS 1e-6f          // lynxkv.codec.codes.EPS
 #define MAX_ABS 30000.0f   // lynxkv.codec.sections.MAX_ABS
@@ -76,11 +82,6 @@ struct EncJob {
     // residual payload
     unsigned long long src, anchor, residual;
 };
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
-}
 
 // 8 consecutive values (16-byte aligned) to float.
 __device__ __forceinline__ void get8(const __nv_bfloat16* p, float* v) {
@@ -427,9 +428,9 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             dst += D;
         }
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
     for (int i = threadIdx.x; i < TABLES; i += blockDim.x) s_thr[i] = tables[i];
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    cp_async_wait();
     __syncthreads();
 
     // Pass 1: extremes of the lane's tokens, then of the warp's chunk, per channel.
@@ -836,6 +837,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     }
 }
 """
+)
 
 
 def kernel_name(
