@@ -61,7 +61,7 @@ SOURCE = (
 #define EPS 1e-6f          // lynxkv.codec.codes.EPS
 #define MAX_ABS 30000.0f   // lynxkv.codec.sections.MAX_ABS
 #define CODE_TABLE 128     // encode_tables.CODE_TABLE
-#define TABLES (CODE_TABLE + 512)
+#define TABLES (2 * CODE_TABLE + 512)
 #define SIGMA_STEPS 16.0f  // lynxkv.codec.lynx.SIGMA_U8_STEPS
 #define SIGMA_BIAS 239.0f  // lynxkv.codec.lynx.SIGMA_U8_BIAS
 #define FULL 0xffffffffu
@@ -71,6 +71,9 @@ SOURCE = (
 #endif
 #define PRAGMA(x) _Pragma(#x)
 #define UNROLL(n) PRAGMA(unroll n)
+#ifndef ENC_SPLIT
+#define ENC_SPLIT 1  // per-channel lynx chunks: two lanes share a chunk's metadata work
+#endif
 #ifndef ENC_MIN_BLOCKS
 #define ENC_MIN_BLOCKS 3  // blocks per SM the register budget must allow (a lynx tile
                           // takes ~75 KB of shared memory: 3 fit)
@@ -130,23 +133,34 @@ __device__ __forceinline__ unsigned int f16_up(float x) {
     return b;
 }
 
-// 8 float16 (bits) at a 2-byte aligned address.
-__device__ __forceinline__ void store_half8(unsigned char* p, const unsigned int* b) {
-    if (((size_t)p & 15) == 0) {
-        *(uint4*)p = make_uint4(b[0] | b[1] << 16, b[2] | b[3] << 16, b[4] | b[5] << 16,
-                                b[6] | b[7] << 16);
+// N = 4 or 8 float16 (bits) at a 2-byte aligned address, in one store where aligned.
+template <int N>
+__device__ __forceinline__ void store_halves(unsigned char* p, const unsigned int* b) {
+    if (((size_t)p & (2 * N - 1)) == 0) {
+        const unsigned int w0 = b[0] | b[1] << 16, w1 = b[2] | b[3] << 16;
+        if (N == 8) {
+            *(uint4*)p = make_uint4(w0, w1, b[4 % N] | b[5 % N] << 16, b[6 % N] | b[7 % N] << 16);
+        } else {
+            *(uint2*)p = make_uint2(w0, w1);
+        }
     } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) ((unsigned short*)p)[i] = (unsigned short)b[i];
+        for (int i = 0; i < N; ++i) ((unsigned short*)p)[i] = (unsigned short)b[i];
     }
 }
-__device__ __forceinline__ void store_byte8(unsigned char* p, const unsigned int* b) {
-    if (((size_t)p & 7) == 0) {
-        *(uint2*)p = make_uint2(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24,
-                                b[4] | b[5] << 8 | b[6] << 16 | b[7] << 24);
+// N = 4 or 8 bytes (the low bytes of b), in one store where aligned.
+template <int N>
+__device__ __forceinline__ void store_bytes(unsigned char* p, const unsigned int* b) {
+    if (((size_t)p & (N - 1)) == 0) {
+        const unsigned int w0 = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24;
+        if (N == 8) {
+            *(uint2*)p = make_uint2(w0, b[4 % N] | b[5 % N] << 8 | b[6 % N] << 16 | b[7 % N] << 24);
+        } else {
+            *(unsigned int*)p = w0;
+        }
     } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) p[i] = (unsigned char)b[i];
+        for (int i = 0; i < N; ++i) p[i] = (unsigned char)b[i];
     }
 }
 
@@ -204,25 +218,40 @@ __device__ __forceinline__ int rint_small(float r) {
     return __float_as_int(__fadd_rn(r, MAGIC)) - __float_as_int(MAGIC);
 }
 
-// The magnitude code of a = |y| in [0, 1], in the low byte of the result. Its steps are
-// where e = log2(1 + alpha a) * scale crosses k - 1/2 (scale = top / log2(1 + alpha)),
-// so f = floor(e), from an approximate e (within 1/2 of exact), is the code or the
-// code - 1, decided by the threshold thr[f + 1] (thr[0] = 0, thr[top + 1] = +inf;
-// encode_tables.magnitude_estimate). The floor is one FMA rounding down onto MAGIC1 (the
-// result is MAGIC1 + f exactly: f is small, >= -1), whose bits index the table.
+// The magnitude code of |y|, y = fl(a / s) as numpy divides (s = sigma + EPS > 0, and
+// |y| <= 1), in the low byte of the result, without the division. Its steps are where
+// e = log2(1 + alpha |y|) * scale crosses k - 1/2 (scale = top / log2(1 + alpha)), so
+// f = floor(e), from an approximate e (within 1/2 of exact, from ar = alpha / s to a few
+// ulps), is the code or the code - 1; the code is f + 1 where |y| >= T = thr[f + 1]
+// (thr[0] = 0, thr[top + 1] = +inf; encode_tables.magnitude_estimate). The floor is one
+// FMA rounding down onto MAGIC1 (the result is MAGIC1 + f exactly: f is small, >= -1),
+// whose bits index the table.
+//
+// The test: fl(|a| / s) >= T exactly where |a| / s > M = T - H (H = gap[f + 1], half the
+// gap below T: M is the midpoint, where the rounding turns; no float32 |a|, s put |a| / s
+// on it, as M has 25 significant bits), i.e. where |a| - M s > 0; for T = 0, H = 0 and
+// the test is >= 0. r1 = fl(|a| - T s), then r2 = fl(r1 + H s), two FMAs, has its sign:
+// near M, |a| and T s are within a factor 2, so |a| - T s is a multiple of u = ulp(T) *
+// ulp(s) / 2 (the last bit of the exact product) and, below 2^24 u, r1 is exact and r2
+// the correctly rounded sum, nonzero (a multiple of u / 4 that is not 0), so its sign
+// is kept; beyond, |r1| > 2 H s and the sign is r1's either way. Nothing is subnormal:
+// s >= EPS and T >= thr[1] keep u / 4 >= 2^-126 while thr[1] >= 2^-58, and it is near
+// 2^-24 for the largest alpha a codec takes (1e6; tests).
 #define MAGIC_BITS 0x4B400000u  // the bits of MAGIC
 #define MAGIC1 12582913.0f      // MAGIC + 1
-// ``thr_at`` is the shared-memory address of thr minus 4 * MAGIC_BITS (mod 2^32), so that
-// thr[f + 1] is at thr_at + 4 * b; the step back is one predicated subtraction.
-__device__ __forceinline__ unsigned int code_bits(float a, unsigned int thr_at, float alpha,
-                                                  float scale) {
-    float l, t;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(alpha, a, 1.0f)));
+// ``thr_at`` is the shared-memory address of the (T, H) pairs minus 8 * MAGIC_BITS (mod
+// 2^32), so that entry f + 1 is at thr_at + 8 * b; the step back is one predicated
+// subtraction.
+__device__ __forceinline__ unsigned int code_bits(float a, float s, float ar,
+                                                  unsigned int thr_at, float scale) {
+    float l, t, hg;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(ar, fabsf(a), 1.0f)));
     unsigned int b = __float_as_uint(__fmaf_rd(l, scale, MAGIC1));  // MAGIC_BITS + f + 1
-    asm("ld.shared.f32 %0, [%1];" : "=f"(t) : "r"(thr_at + 4 * b));
-    asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\t@p sub.u32 %0, %0, 1;\n\t}"
+    asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(t), "=f"(hg) : "r"(thr_at + 8 * b));
+    const float r = __fmaf_rn(hg, s, __fmaf_rn(-t, s, fabsf(a)));
+    asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, 0f00000000;\n\t@p sub.u32 %0, %0, 1;\n\t}"
         : "+r"(b)
-        : "f"(a), "f"(t));
+        : "f"(r));
     return b;
 }
 
@@ -263,9 +292,13 @@ __device__ __forceinline__ void split4(unsigned int c, unsigned int s, unsigned 
 // and the caller redoes those with __fdiv_rn.
 #define DIV_LO 0x2b800000u  // 2^-40
 #define DIV_HI 0x57800000u  // 2^48
-__device__ __forceinline__ float rcp_step(float b) {
+__device__ __forceinline__ float rcp_approx(float b) {
     float y;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+    return y;
+}
+__device__ __forceinline__ float rcp_step(float b) {
+    const float y = rcp_approx(b);
     return __fmaf_rn(y, __fmaf_rn(-b, y, 1.0f), y);
 }
 __device__ __forceinline__ bool rcp_ok(float b) {
@@ -391,8 +424,8 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     static_assert(LYNX || !MEAN, "uniform groups have no centre");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    float* s_thr = (float*)smem;         // [CODE_TABLE] magnitude code thresholds
-    float* s_sthr = s_thr + CODE_TABLE;  // [256] u8 sigma thresholds
+    float* s_thr = (float*)smem;  // [CODE_TABLE][2] magnitude code thresholds T, gaps H
+    float* s_sthr = s_thr + 2 * CODE_TABLE;  // [256] u8 sigma thresholds
     float* s_sig = s_sthr + 256;         // [256] u8 sigma values
     const int NW = blockDim.x >> 5;
     float* s_pmin = s_sig + 256;  // LYNX: [NW][D] chunk minima, then maxima
@@ -412,8 +445,10 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const int t0 = tw + s * GB;                           // and its token
 
     // A lane whose tokens are all in the section runs without a test per token (the
-    // tested loops re-derive addresses in every token's branch).
+    // tested loops re-derive addresses in every token's branch); pass 2 runs the untested
+    // loop where the whole warp's are (its lanes take one branch).
     const bool lane_full = t0 + GB <= T;
+    const bool warp_full = __all_sync(FULL, lane_full);
     {
         const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
         InT* dst = tile + row0 * D + d0;
@@ -429,7 +464,12 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
     }
     cp_async_commit();
-    for (int i = threadIdx.x; i < TABLES; i += blockDim.x) s_thr[i] = tables[i];
+    // tables: T [CODE_TABLE], sigma thresholds and values [512], H [CODE_TABLE]; T and H
+    // interleaved here, for one 8-byte read
+    for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
+        const int k = i - (CODE_TABLE + 512);
+        s_thr[i < CODE_TABLE ? 2 * i : k < 0 ? i + CODE_TABLE : 2 * k + 1] = tables[i];
+    }
     cp_async_wait();
     __syncthreads();
 
@@ -528,17 +568,14 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     //   2^-39; a smaller |x| against base != 0 leaves at least 2^-24 - 2^-32; float16 x
     //   are multiples of 2^-24. Above, |x - base| <= 2 * MAX_ABS unless the input is
     //   flagged (and dropped). With base == 0, x - base = x may be tiny: checked.
-    // * lynx's xn in [0, 1] minus a u8 mu = k / 255: for k >= 1, mu >= 2^-8, so an xn
-    //   >= 2^-16 and mu are both multiples of 2^-39, and a smaller xn leaves at least
-    //   2^-8 - 2^-16. With k = 0, xn - mu = xn may be tiny: checked.
+    // (lynx's second division, by sigma + EPS, is not done: code_bits)
     auto nonzero8 = [](const float* b) {
         bool zero = false;
 #pragma unroll
         for (int i = 0; i < 8; ++i) zero |= b[i] == 0.0f;
         return !zero;
     };
-    auto exact_dividends = [&](const float* mu) {  // the last division's
-        if (LYNX) return U8 && nonzero8(mu);
+    auto exact_dividends = [&](const float* mu) {  // uniform's division
         return sizeof(InT) == 2 && nonzero8(mu);
     };
     // Page metadata (lynx): g_min rounded down, g_scale = max - g_min rounded up.
@@ -585,45 +622,94 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const float r255 = rcp_step(255.0f);  // u8 mu = k / 255 by div_fast: exact for k <= 255
 
     // Chunk metadata per channel: lynx mu and sigma (+ EPS), uniform min and scale (+ EPS).
-    float cmu[8], csig[8], crcp[8];  // crcp: rcp_step(csig)
-    bool cok = true;                 // every csig suits div_fast
+    // cmul: lynx alpha / (sigma + EPS), approximately (the code estimate's); uniform the
+    // reciprocal for div8.
+    float cmu[8], csig[8], cmul[8];
+    bool cok = true;  // uniform: every csig suits div_fast
     if (!BY_TOKEN) {
         unsigned int fmu[8], fsg[8];
         if (LYNX) {
-            float xhi[8], xlo[8], sum[8];
-            div8(cmax, gmin, gscl, grcp, gok, page_exact, xhi);
-            div8(cmin, gmin, gscl, grcp, gok, page_exact, xlo);
+            // A channel group's NS = 32 / GB lanes have the same chunks: lanes s and s ^ 1
+            // each compute half of the 8 channels' metadata (SPLIT) and swap them.
+            constexpr int SPLIT = (32 / GB >= 2 && ENC_SPLIT) ? 2 : 1, CH = 8 / SPLIT;
+            const bool upper = SPLIT == 2 && (s & 1);  // the lane's half: channels 4-7
+            float sum[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i) sum[i] = 0.0f;
             if (MEAN) mean_sums<InT, D>(tile + warp * 32 * D + d0, min(32, T - tw), s, g,
                                         gmin, gscl, grcp, gok, page_exact, sum);
+            // the lane's CH channels' extremes, page metadata and sums
+            float hi[CH], lo[CH], gm[CH], gs[CH], gr[CH], sm[CH];
+#pragma unroll
+            for (int k = 0; k < CH; ++k) {
+                const int i = (k + CH) % 8;  // channel k of the upper half (k without a split)
+                hi[k] = upper ? cmax[i] : cmax[k];
+                lo[k] = upper ? cmin[i] : cmin[k];
+                gm[k] = upper ? gmin[i] : gmin[k];
+                gs[k] = upper ? gscl[i] : gscl[k];
+                gr[k] = upper ? grcp[i] : grcp[k];
+                sm[k] = upper ? sum[i] : sum[k];
+            }
+            float xhi[CH], xlo[CH], mus[CH], sgs[CH], muls[CH];
+            divn<CH>(hi, gm, gs, gr, gok, page_exact, xhi);
+            divn<CH>(lo, gm, gs, gr, gok, page_exact, xlo);
             const double count = (double)max(1, min(32, T - tw));
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float mid = __fmul_rn(__fadd_rn(xhi[i], xlo[i]), 0.5f);
-                const double mean = (double)sum[i] / count;
+            for (int k = 0; k < CH; ++k) {
+                const float mid = __fmul_rn(__fadd_rn(xhi[k], xlo[k]), 0.5f);
+                const double mean = (double)sm[k] / count;
                 float mu;
                 if (U8) {
-                    float k = MEAN ? (float)rint(mean * 255.0) : rintf(__fmul_rn(mid, 255.0f));
-                    k = fminf(fmaxf(k, 0.0f), 255.0f);
-                    fmu[i] = (unsigned int)k;
-                    mu = div_fast(k, 255.0f, r255);
+                    float q = MEAN ? (float)rint(mean * 255.0) : rintf(__fmul_rn(mid, 255.0f));
+                    q = fminf(fmaxf(q, 0.0f), 255.0f);
+                    fmu[k] = (unsigned int)q;
+                    mu = div_fast(q, 255.0f, r255);
                 } else {
-                    fmu[i] = __half_as_ushort(MEAN ? __double2half(mean) : __float2half_rn(mid));
-                    mu = h2f(fmu[i]);
+                    fmu[k] = __half_as_ushort(MEAN ? __double2half(mean) : __float2half_rn(mid));
+                    mu = h2f(fmu[k]);
                 }
                 const float spread =
-                    fmaxf(fabsf(__fsub_rn(xhi[i], mu)), fabsf(__fsub_rn(xlo[i], mu)));
+                    fmaxf(fabsf(__fsub_rn(xhi[k], mu)), fabsf(__fsub_rn(xlo[k], mu)));
                 float sg;
                 if (U8) {
-                    fsg[i] = sigma_index(spread, s_sthr);
-                    sg = s_sig[fsg[i]];
+                    fsg[k] = sigma_index(spread, s_sthr);
+                    sg = s_sig[fsg[k]];
                 } else {
-                    fsg[i] = f16_up(spread);
-                    sg = h2f(fsg[i]);
+                    fsg[k] = f16_up(spread);
+                    sg = h2f(fsg[k]);
                 }
-                cmu[i] = mu;
-                csig[i] = __fadd_rn(sg, EPS);
+                mus[k] = mu;
+                sgs[k] = __fadd_rn(sg, EPS);
+                muls[k] = __fmul_rn(alpha, rcp_approx(sgs[k]));
+            }
+#pragma unroll
+            for (int k = 0; k < CH; ++k) {
+                if (SPLIT == 1) {
+                    cmu[k] = mus[k];
+                    csig[k] = sgs[k];
+                    cmul[k] = muls[k];
+                } else {  // the partner's half
+                    const float om = __shfl_xor_sync(FULL, mus[k], GB),
+                                os = __shfl_xor_sync(FULL, sgs[k], GB),
+                                ol = __shfl_xor_sync(FULL, muls[k], GB);
+                    const int i = (k + CH) % 8;
+                    cmu[k] = upper ? om : mus[k];
+                    csig[k] = upper ? os : sgs[k];
+                    cmul[k] = upper ? ol : muls[k];
+                    cmu[i] = upper ? mus[k] : om;
+                    csig[i] = upper ? sgs[k] : os;
+                    cmul[i] = upper ? muls[k] : ol;
+                }
+            }
+            if (s < SPLIT && tw < T) {  // the lane's CH channels' fields
+                const long long o = (long long)(tw >> 5) * C + c0 + (upper ? CH : 0);
+                if (U8) {
+                    store_bytes<CH>(anchor + off_mu + o, fmu);
+                    store_bytes<CH>(anchor + off_sigma + o, fsg);
+                } else {
+                    store_halves<CH>(anchor + off_mu + 2 * o, fmu);
+                    store_halves<CH>(anchor + off_sigma + 2 * o, fsg);
+                }
             }
         } else {
 #pragma unroll
@@ -632,21 +718,13 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 cmu[i] = h2f(fmu[i]);
                 fsg[i] = f16_up(__fsub_rn(cmax[i], cmu[i]));
                 csig[i] = __fadd_rn(h2f(fsg[i]), EPS);
+                cmul[i] = rcp_step(csig[i]);
+                cok &= rcp_ok(csig[i]);
             }
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            crcp[i] = rcp_step(csig[i]);
-            cok &= rcp_ok(csig[i]);
-        }
-        if (s == 0 && tw < T) {
-            const long long o = (long long)(tw >> 5) * C + c0;  // chunk index * C + channel
-            if (LYNX && U8) {
-                store_byte8(anchor + off_mu + o, fmu);
-                store_byte8(anchor + off_sigma + o, fsg);
-            } else {
-                store_half8(anchor + off_mu + 2 * o, fmu);
-                store_half8(anchor + off_sigma + 2 * o, fsg);
+            if (s == 0 && tw < T) {
+                const long long o = (long long)(tw >> 5) * C + c0;  // chunk * C + channel
+                store_halves<8>(anchor + off_mu + 2 * o, fmu);
+                store_halves<8>(anchor + off_sigma + 2 * o, fsg);
             }
         }
     }
@@ -660,7 +738,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // (through a shuffle, which the compiler cannot fold: else it splits the constant
     // back out of the address, one more instruction an element)
     const unsigned int thr_at =
-        __shfl_sync(FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 4 * MAGIC_BITS, 0);
+        __shfl_sync(FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 8 * MAGIC_BITS, 0);
     // the lane's first token's code fields (a token's are C * BITS / 8 bytes further)
     const long long e0 = ((long long)t0 * C + c0) >> 3;
     unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
@@ -668,12 +746,50 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // BY_TOKEN: the stored fields of token t0 + g (the GB lanes of a token run are GB
     // tokens long: each stores one token's, once, rather than one lane each token)
     unsigned int tok_mu = 0, tok_sig = 0;
-    // Two forms of pass 2: EXACT where every division of the lane is known to suit
+    // lynx, per-token chunks: a token's fields and its y's divisor sigma + EPS, from the
+    // extremes of its xn
+    auto token_meta = [&](float hi, float lo, unsigned int& fmu, unsigned int& fsg, float& mu,
+                          float& sig) {
+        const float mid = __fmul_rn(__fadd_rn(hi, lo), 0.5f);
+        if (U8) {
+            const float k = fminf(fmaxf(rintf(__fmul_rn(mid, 255.0f)), 0.0f), 255.0f);
+            fmu = (unsigned int)k;
+            mu = div_fast(k, 255.0f, r255);
+        } else {
+            fmu = __half_as_ushort(__float2half_rn(mid));
+            mu = h2f(fmu);
+        }
+        // max |xn - mu| over the token is at its extremes (a rounded difference is
+        // monotone), as numpy's max over every element
+        const float spread = fmaxf(fabsf(__fsub_rn(hi, mu)), fabsf(__fsub_rn(lo, mu)));
+        float sg;
+        if (U8) {
+            fsg = sigma_index(spread, s_sthr);
+            sg = s_sig[fsg];
+        } else {
+            fsg = f16_up(spread);
+            sg = h2f(fsg);
+        }
+        sig = __fadd_rn(sg, EPS);
+    };
+    // The extremes of the lane's 8 values.
+    auto extremes8 = [](const float* x, float& hi, float& lo) {
+        hi = -INF;
+        lo = INF;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            hi = fmaxf(hi, x[i]);
+            lo = fminf(lo, x[i]);
+        }
+    };
+    // Two forms of pass 2: EXACT where every page division of the lane is known to suit
     // div_fast (no per-element check, no fallback: fewer registers live), else checked.
     auto pass2 = [&](auto exact) {
     constexpr bool EXACT = decltype(exact)::value;
     const bool page_fast = EXACT || page_exact;
-    auto encode_token = [&](int j, bool valid) {
+    // token j's values at the lane's channels (0 past the section's end), lynx's
+    // page-normalised
+    auto load_x = [&](int j, bool valid, float* x) {
         float v[8];
         if (valid) {
             get8(tile + (row0 + j) * D + d0, v);
@@ -681,135 +797,183 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[i] = 0.0f;
         }
-        float x[8];
         if (LYNX) {
             div8(v, gmin, gscl, grcp, EXACT || gok, page_fast, x);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) x[i] = v[i];
         }
-        if (BY_TOKEN) {  // the D/8 lanes of this token and head hold its D channels
-            float hi = -INF, lo = INF;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                hi = fmaxf(hi, x[i]);
-                lo = fminf(lo, x[i]);
-            }
-#pragma unroll
-            for (int o = 1; o < GB; o <<= 1) {
-                hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
-                lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
-            }
-            unsigned int fmu, fsg;
-            float mu, sg;
-            if (LYNX) {
-                const float mid = __fmul_rn(__fadd_rn(hi, lo), 0.5f);
-                if (U8) {
-                    const float k = fminf(fmaxf(rintf(__fmul_rn(mid, 255.0f)), 0.0f), 255.0f);
-                    fmu = (unsigned int)k;
-                    mu = div_fast(k, 255.0f, r255);
-                } else {
-                    fmu = __half_as_ushort(__float2half_rn(mid));
-                    mu = h2f(fmu);
-                }
-                // max |xn - mu| over the token is at its extremes (a rounded difference is
-                // monotone), as numpy's max over every element
-                const float spread = fmaxf(fabsf(__fsub_rn(hi, mu)), fabsf(__fsub_rn(lo, mu)));
-                if (U8) {
-                    fsg = sigma_index(spread, s_sthr);
-                    sg = s_sig[fsg];
-                } else {
-                    fsg = f16_up(spread);
-                    sg = h2f(fsg);
-                }
-            } else {
-                fmu = f16_down(lo);
-                mu = h2f(fmu);
-                fsg = f16_up(__fsub_rn(hi, mu));
-                sg = h2f(fsg);
-            }
-            if (j == g) {  // this lane stores token j's fields after the loop
-                tok_mu = fmu;
-                tok_sig = fsg;
-            }
-            const float sig = __fadd_rn(sg, EPS), rcp = rcp_step(sig);
-            cok = rcp_ok(sig);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                cmu[i] = mu;
-                csig[i] = sig;
-                crcp[i] = rcp;
-            }
-        }
-        // lynx y = (xn - mu) / (sigma + EPS), uniform (x - min) / (scale + EPS)
-        float q[8];
-        // (per token: V's chunk is the token)
-        div8(x, cmu, csig, crcp, (EXACT && !BY_TOKEN) || cok,
-             (EXACT && !BY_TOKEN) || exact_dividends(cmu), q);
-        if constexpr (!LYNX && ABITS == 4) {
-            // u = round((x - min) / (scale + EPS) * 255) as in numpy, whose clamp to
-            // [0, 255] never binds here: min rounds down and scale up from the group's
-            // extremes, so 0 <= x - min <= scale < scale + EPS and the rounded quotient is
-            // in [0, 1]. The magic add leaves u in the low byte of the sum's bits; the
-            // even and odd values' bytes are gathered in two words, whose high nibbles
-            // are the anchor fields and low nibbles the residual fields (bitpack order:
-            // value 2k in the low nibble of byte k, value 2k + 1 in the high one).
-            unsigned int b[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-                b[i] = __float_as_uint(__fadd_rn(__fmul_rn(q[i], 255.0f), MAGIC));
-            const unsigned int ev = __byte_perm(__byte_perm(b[0], b[2], 0x0040),
-                                                __byte_perm(b[4], b[6], 0x0040), 0x5410);
-            const unsigned int od = __byte_perm(__byte_perm(b[1], b[3], 0x0040),
-                                                __byte_perm(b[5], b[7], 0x0040), 0x5410);
-            if (valid) {
-                const int o = j * (C >> 1);  // C / 2 bytes a token
-                *(unsigned int*)(a_codes + o) = (ev >> 4 & 0x0F0F0F0Fu) | (od & 0xF0F0F0F0u);
-                *(unsigned int*)(r_codes + o) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
-            }
-        } else if constexpr (LYNX) {
-            // |y| <= 1 without numpy's clamp: |xn - mu| (rounded) <= spread, the largest of
+    };
+    // token j's fields at the lane's channels, from x and the chunk metadata per channel
+    auto fields = [&](const float* x, const float* mu, const float* sg, const float* mul,
+                      bool ok, int j, bool valid) {
+        if constexpr (LYNX) {
+            // y = (xn - mu) / (sigma + EPS), decided from its numerator (code_bits). |y|
+            // <= 1 without numpy's clamp: |xn - mu| (rounded) <= spread, the largest of
             // them over the chunk, <= sigma (rounded up from it, or the u8 scale covering
             // it) < sigma + EPS, and a correctly rounded quotient of a <= b is <= 1; the
             // table lookup relies on it (an input that is not finite never gets here).
-            // Tokens past the section's end (not stored) read code 0.
+            // Tokens past the section's end (not stored) read entry 1 whatever their
+            // chunk's metadata (NaN in a warp without tokens: no extremes).
+            float a[8];
             unsigned int cb[8];
 #pragma unroll
-            for (int i = 0; i < 8; ++i)
-                cb[i] = code_bits(valid ? fabsf(q[i]) : 0.0f, thr_at, alpha, scale);
+            for (int i = 0; i < 8; ++i) {
+                a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
+                cb[i] = code_bits(a[i], sg[i], valid ? mul[i] : 0.0f, thr_at, scale);
+            }
             // the even and odd values' codes and signs, 4 to a word (bitpack order: value
-            // 2k is in the lower field); q is never -0 (div8), so its sign is y < 0
+            // 2k is in the lower field); a is never -0 (xn - mu rounds an exact 0 to +0)
+            // and never so small that y would round to 0, so its sign is y < 0
             unsigned int ae, ao, re, ro;
             split4<ABITS>(gather4(cb[0], cb[2], cb[4], cb[6], LOW_BYTES),
-                          gather4(__float_as_uint(q[0]), __float_as_uint(q[2]),
-                                  __float_as_uint(q[4]), __float_as_uint(q[6]), SIGN_BYTES),
+                          gather4(__float_as_uint(a[0]), __float_as_uint(a[2]),
+                                  __float_as_uint(a[4]), __float_as_uint(a[6]), SIGN_BYTES),
                           ae, re);
             split4<ABITS>(gather4(cb[1], cb[3], cb[5], cb[7], LOW_BYTES),
-                          gather4(__float_as_uint(q[1]), __float_as_uint(q[3]),
-                                  __float_as_uint(q[5]), __float_as_uint(q[7]), SIGN_BYTES),
+                          gather4(__float_as_uint(a[1]), __float_as_uint(a[3]),
+                                  __float_as_uint(a[5]), __float_as_uint(a[7]), SIGN_BYTES),
                           ao, ro);
             if (valid) {
                 store_packed<ABITS>(a_codes + j * (C >> 3) * ABITS, ae, ao);
                 store_packed<RBITS>(r_codes + j * (C >> 3) * RBITS, re, ro);
             }
         } else {
-            unsigned int af[8], rf[8];
+            // uniform (x - min) / (scale + EPS)
+            float q[8];
+            div8(x, mu, sg, mul, ok, exact_dividends(mu), q);
+            if constexpr (ABITS == 4) {
+                // u = round((x - min) / (scale + EPS) * 255) as in numpy, whose clamp to
+                // [0, 255] never binds here: min rounds down and scale up from the group's
+                // extremes, so 0 <= x - min <= scale < scale + EPS and the rounded quotient
+                // is in [0, 1]. The magic add leaves u in the low byte of the sum's bits;
+                // the even and odd values' bytes are gathered in two words, whose high
+                // nibbles are the anchor fields and low nibbles the residual fields
+                // (bitpack order: value 2k in the low nibble of byte k, 2k + 1 in the high).
+                unsigned int b[8];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                // u = round((x - min) / (scale + EPS) * 255); high and low bits; rint
-                // commutes with the clamp to [0, 255] (integer bounds)
-                const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
-                const unsigned int ui = (unsigned int)rint_small(u);
-                af[i] = ui >> RBITS;
-                rf[i] = ui & ((1u << RBITS) - 1);
-            }
-            if (valid) {
-                store_fields<ABITS>(a_codes + j * (C >> 3) * ABITS, af);
-                store_fields<RBITS>(r_codes + j * (C >> 3) * RBITS, rf);
+                for (int i = 0; i < 8; ++i)
+                    b[i] = __float_as_uint(__fadd_rn(__fmul_rn(q[i], 255.0f), MAGIC));
+                const unsigned int ev = __byte_perm(__byte_perm(b[0], b[2], 0x0040),
+                                                    __byte_perm(b[4], b[6], 0x0040), 0x5410);
+                const unsigned int od = __byte_perm(__byte_perm(b[1], b[3], 0x0040),
+                                                    __byte_perm(b[5], b[7], 0x0040), 0x5410);
+                if (valid) {
+                    const int o = j * (C >> 1);  // C / 2 bytes a token
+                    *(unsigned int*)(a_codes + o) = (ev >> 4 & 0x0F0F0F0Fu) | (od & 0xF0F0F0F0u);
+                    *(unsigned int*)(r_codes + o) = (ev & 0x0F0F0F0Fu) | (od << 4 & 0xF0F0F0F0u);
+                }
+            } else {
+                unsigned int af[8], rf[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    // u = round((x - min) / (scale + EPS) * 255); high and low bits; rint
+                    // commutes with the clamp to [0, 255] (integer bounds)
+                    const float u = fminf(fmaxf(__fmul_rn(q[i], 255.0f), 0.0f), 255.0f);
+                    const unsigned int ui = (unsigned int)rint_small(u);
+                    af[i] = ui >> RBITS;
+                    rf[i] = ui & ((1u << RBITS) - 1);
+                }
+                if (valid) {
+                    store_fields<ABITS>(a_codes + j * (C >> 3) * ABITS, af);
+                    store_fields<RBITS>(r_codes + j * (C >> 3) * RBITS, rf);
+                }
             }
         }
     };
-    if (lane_full) {
+    // One token a step (per-channel chunks, and per-token ones of one lane a token or of
+    // uniform): per-token statistics by the GB lanes of the token, in the same shuffles.
+    auto encode_token = [&](int j, bool valid) {
+        float x[8];
+        load_x(j, valid, x);
+        if (BY_TOKEN) {
+            float hi, lo;
+            extremes8(x, hi, lo);
+#pragma unroll
+            for (int o = 1; o < GB; o <<= 1) {
+                hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
+                lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
+            }
+            unsigned int fmu, fsg;
+            float mu, sig, mul;
+            if (LYNX) {
+                token_meta(hi, lo, fmu, fsg, mu, sig);
+                mul = __fmul_rn(alpha, rcp_approx(sig));
+            } else {
+                fmu = f16_down(lo);
+                mu = h2f(fmu);
+                fsg = f16_up(__fsub_rn(hi, mu));
+                sig = __fadd_rn(h2f(fsg), EPS);
+                mul = rcp_step(sig);
+                cok = rcp_ok(sig);
+            }
+            if (j == g) {  // this lane stores token j's fields after the loop
+                tok_mu = fmu;
+                tok_sig = fsg;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                cmu[i] = mu;
+                csig[i] = sig;
+                cmul[i] = mul;
+            }
+        }
+        fields(x, cmu, csig, cmul, cok, j, valid);
+    };
+    // Lynx per-token chunks, two tokens a step (j even): lane pairs (g, g ^ 1) hold the
+    // two tokens in opposite order, "first" token j + (g & 1), so that the first shuffle
+    // adds the partner's extremes of the lane's first token (its second) to the lane's:
+    // then each lane reduces and computes the metadata of one token only, and reads its
+    // second token's from the partner. Per token: half the shuffles and metadata.
+    auto encode_pair = [&](int j, bool full) {
+        const int jf = j + (g & 1), js = j + 1 - (g & 1);
+        const bool vf = full || t0 + jf < T, vs = full || t0 + js < T;
+        float xf[8], xs[8];
+        load_x(jf, vf, xf);
+        load_x(js, vs, xs);
+        float hi, lo, hs, ls;
+        extremes8(xf, hi, lo);
+        extremes8(xs, hs, ls);
+        hi = fmaxf(hi, __shfl_xor_sync(FULL, hs, 1));
+        lo = fminf(lo, __shfl_xor_sync(FULL, ls, 1));
+#pragma unroll
+        for (int o = 2; o < GB; o <<= 1) {
+            hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, o));
+            lo = fminf(lo, __shfl_xor_sync(FULL, lo, o));
+        }
+        unsigned int fmu, fsg;
+        float mu, sig;
+        token_meta(hi, lo, fmu, fsg, mu, sig);
+        const float mul = __fmul_rn(alpha, rcp_approx(sig));
+        if (jf == g) {  // this lane stores token jf's fields after the loop
+            tok_mu = fmu;
+            tok_sig = fsg;
+        }
+        const float mu2 = __shfl_xor_sync(FULL, mu, 1), sig2 = __shfl_xor_sync(FULL, sig, 1),
+                    mul2 = __shfl_xor_sync(FULL, mul, 1);
+        float m[8], sg[8], r[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            m[i] = mu;
+            sg[i] = sig;
+            r[i] = mul;
+        }
+        fields(xf, m, sg, r, true, jf, vf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            m[i] = mu2;
+            sg[i] = sig2;
+            r[i] = mul2;
+        }
+        fields(xs, m, sg, r, true, js, vs);
+    };
+    if (LYNX && BY_TOKEN && GB >= 2) {
+        if (warp_full) {
+            for (int j = 0; j < GB; j += 2) encode_pair(j, true);
+        } else {
+            for (int j = 0; j < GB; j += 2) encode_pair(j, false);
+        }
+    } else if (warp_full) {
         UNROLL(ENC_UNROLL)
         for (int j = 0; j < GB; ++j) encode_token(j, true);
     } else {
@@ -817,10 +981,9 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         for (int j = 0; j < GB; ++j) encode_token(j, t0 + j < T);
     }
     };
-    // exact: the lynx page division (all of the lane's), and the chunk division of a
-    // per-channel chunk; uniform has no page, and its group division is checked alone
-    const bool exact = LYNX && page_exact && gok && (BY_TOKEN || (cok && exact_dividends(cmu)));
-    if (exact) {
+    // exact: the lynx page division, all of the warp's (uniform has no page, and its
+    // group division is checked alone)
+    if (__all_sync(FULL, LYNX && page_exact && gok)) {
         pass2(Flag<true>{});
     } else {
         pass2(Flag<false>{});

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import importlib
 import os
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from lynxkv.gpu.encode_tables import (
     ALIGN,
     ESTIMATE_ERROR,
     TABLES,
+    code_gaps,
     code_thresholds,
     magnitude_estimate,
     magnitude_estimate_error,
@@ -150,12 +152,73 @@ def test_kernel_constants_are_the_codecs() -> None:
     """The kernel source's copies of the constants it shares with Python."""
     assert f"#define SIGMA_STEPS {lynx.SIGMA_U8_STEPS:.1f}f" in SOURCE
     assert f"#define SIGMA_BIAS {lynx.SIGMA_U8_BIAS:.1f}f" in SOURCE
-    assert f"#define TABLES (CODE_TABLE + {TABLES - 128})" in SOURCE
+    assert f"#define TABLES (2 * CODE_TABLE + {TABLES - 256})" in SOURCE
 
 
 def test_gpu_support_refuses_an_alpha_too_small_for_the_estimate() -> None:
     spec = dataclasses.replace(CODECS["lynx-a4"], alpha_k=1e-6)
     assert "alpha_k" in str(gpu_support(spec, (256, 8, 128), torch.bfloat16))
+
+
+def test_first_code_step_is_far_above_subnormals_for_any_codec_alpha() -> None:
+    """code_bits's sign test assumes thr[1] >= 2^-58 (encode_source); the largest alpha a
+    codec accepts (just under 1e6) keeps its first step near 2^-24."""
+    spec = dataclasses.replace(CODECS["lynx-a4"], alpha_k=999_999.0, alpha_v=999_999.0)
+    assert code_thresholds(spec, "k")[1] >= 2.0**-26
+    assert code_thresholds(spec, "v")[1] >= 2.0**-26
+
+
+def _reached(a: Any, s: Any, t: float, gap: float) -> list[bool]:
+    """The kernel's test that fl(|a| / s) reaches t, in exact arithmetic: |a| - (t - gap) s
+    is positive (>= 0 for t = 0; code_bits's two FMAs give its sign)."""
+    m = Fraction(t) - Fraction(gap)
+    diff = [abs(Fraction(x)) - m * Fraction(y) for x, y in zip(a.tolist(), s.tolist(), strict=True)]
+    return [d >= 0 if t == 0 else d > 0 for d in diff]
+
+
+def _quotients_around(t: np.float32, rng: np.random.Generator) -> tuple[Any, Any]:
+    """Numerators a (both signs) and scales s in [1e-6, 2] whose float32 quotient is t or
+    one or two steps either side of it."""
+    s = np.concatenate([rng.uniform(1e-6, 2.0, 6), [1.0, 0.5, 2.0 - 2.0**-22, 1e-6]])
+    s = s.astype(np.float32)
+    q = _near(np.array([t], dtype=np.float32))
+    a = (q[:, None].astype(np.float64) * s[None, :].astype(np.float64)).astype(np.float32)
+    a = np.concatenate([a, np.nextafter(a, np.float32(0)), np.nextafter(a, np.float32(1))])
+    ss = np.broadcast_to(s, a.shape).ravel()
+    a = a.ravel() * np.where(rng.random(a.size) < 0.5, -1, 1).astype(np.float32)
+    return a, ss
+
+
+@pytest.mark.parametrize("name", LYNX)
+def test_code_gaps_decide_the_rounded_quotient(name: str) -> None:
+    """The kernel decides |y| = fl(|a| / s) >= T from a and s (code_bits): with the gap
+    H below each threshold the test agrees with numpy's division at and around every
+    threshold, for scales from EPS to 2; and 0 is reached by every value, +inf by none."""
+    spec = CODECS[name]
+    rng = np.random.default_rng(len(name) + 7)
+    for kv in ("k", "v"):
+        thr, gap = code_thresholds(spec, kv), code_gaps(spec, kv)
+        assert gap[0] == 0 and (gap[spec.top_code + 1 :] == 0).all()
+        for k in range(1, spec.top_code + 1):
+            a, s = _quotients_around(thr[k], rng)
+            want = np.abs(a) / s >= thr[k]  # float32 division, correctly rounded
+            assert want.any() and not want.all()
+            assert _reached(a, s, float(thr[k]), float(gap[k])) == want.tolist(), (kv, k)
+        a, s = _quotients_around(thr[1], rng)
+        assert all(_reached(np.append(a, 0.0), np.append(s, 1.0), 0.0, 0.0))
+
+
+def test_code_gap_test_can_fail() -> None:
+    """A gap of a whole step (not half) moves some decision: the test above is real."""
+    spec = CODECS["lynx-a4"]
+    thr, gap = code_thresholds(spec, "k"), code_gaps(spec, "k")
+    rng = np.random.default_rng(3)
+    wrong = 0
+    for k in range(1, spec.top_code + 1):
+        a, s = _quotients_around(thr[k], rng)
+        want = (np.abs(a) / s >= thr[k]).tolist()
+        wrong += _reached(a, s, float(thr[k]), 2 * float(gap[k])) != want
+    assert wrong > 0
 
 
 def test_sigma_thresholds_reproduce_numpy() -> None:
