@@ -219,13 +219,14 @@ __device__ __forceinline__ int rint_small(float r) {
 }
 
 // The magnitude code of |y|, y = fl(a / s) as numpy divides (s = sigma + EPS > 0, and
-// |y| <= 1), in the low byte of the result, without the division. Its steps are where
-// e = log2(1 + alpha |y|) * scale crosses k - 1/2 (scale = top / log2(1 + alpha)), so
-// f = floor(e), from an approximate e (within 1/2 of exact, from ar = alpha / s to a few
-// ulps), is the code or the code - 1; the code is f + 1 where |y| >= T = thr[f + 1]
-// (thr[0] = 0, thr[top + 1] = +inf; encode_tables.magnitude_estimate). The floor is one
-// FMA rounding down onto MAGIC1 (the result is MAGIC1 + f exactly: f is small, >= -1),
-// whose bits index the table.
+// |y| <= 1), without the division, as 255 - code in the low byte of the result. Its
+// steps are where e = log2(1 + alpha |y|) * scale crosses k - 1/2 (scale = top /
+// log2(1 + alpha)), so f = floor(e), from an approximate e (within 1/2 of exact, from
+// ar = alpha / s to a few ulps), is the code or the code - 1; the code is f + 1 where
+// |y| >= T = thr[f + 1] (thr[0] = 0, thr[top + 1] = +inf; encode_tables.
+// magnitude_estimate). One FMA rounding up onto MAGIC254 gives MAGIC254 - f exactly (f
+// is small, >= -1), whose bits index the table (stored in reverse); the sign bit of the
+// test below adds 1 where |y| < T (255 - f - 1 + 1 = 255 - f, the code f).
 //
 // The test: fl(|a| / s) >= T exactly where |a| / s > M = T - H (H = gap[f + 1], half the
 // gap below T: M is the midpoint, where the rounding turns; no float32 |a|, s put |a| / s
@@ -238,21 +239,17 @@ __device__ __forceinline__ int rint_small(float r) {
 // s >= EPS and T >= thr[1] keep u / 4 >= 2^-126 while thr[1] >= 2^-58, and it is near
 // 2^-24 for the largest alpha a codec takes (1e6; tests).
 #define MAGIC_BITS 0x4B400000u  // the bits of MAGIC
-#define MAGIC1 12582913.0f      // MAGIC + 1
-// ``thr_at`` is the shared-memory address of the (T, H) pairs minus 8 * MAGIC_BITS (mod
-// 2^32), so that entry f + 1 is at thr_at + 8 * b; the step back is one predicated
-// subtraction.
+#define MAGIC254 12583166.0f    // MAGIC + 254
+// ``thr_at`` is the shared-memory address of the (T, H) pairs minus 8 * (MAGIC_BITS +
+// 128) (mod 2^32): entry k = f + 1 is pair 127 - k, at thr_at + 8 * b.
 __device__ __forceinline__ unsigned int code_bits(float a, float s, float ar,
                                                   unsigned int thr_at, float scale) {
     float l, t, hg;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(ar, fabsf(a), 1.0f)));
-    unsigned int b = __float_as_uint(__fmaf_rd(l, scale, MAGIC1));  // MAGIC_BITS + f + 1
+    const unsigned int b = __float_as_uint(__fmaf_ru(l, -scale, MAGIC254));  // + 254 - f
     asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(t), "=f"(hg) : "r"(thr_at + 8 * b));
     const float r = __fmaf_rn(hg, s, __fmaf_rn(-t, s, fabsf(a)));
-    asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, 0f00000000;\n\t@p sub.u32 %0, %0, 1;\n\t}"
-        : "+r"(b)
-        : "f"(r));
-    return b;
+    return b + (__float_as_uint(r) >> 31);
 }
 
 // prmt.b32 (default mode: a selector nibble with bit 3 set copies the sign of its byte).
@@ -270,13 +267,15 @@ __device__ __forceinline__ unsigned int gather4(unsigned int a, unsigned int b, 
     return prmt(prmt(a, b, sel), prmt(c, d, sel), 0x5410u);
 }
 
-// The anchor and residual fields of 4 magnitude codes (the bytes of ``c``) with the
-// signs ``s`` (bytes 0xff where y < 0), 4 at a time in the bytes of a word (no byte
+// The anchor and residual fields of 4 magnitude codes (bytes 255 - code of ``nc``) with
+// the signs ``s`` (bytes 0xff where y < 0), 4 at a time in the bytes of a word (no byte
 // carries: codes are <= 126): m = (code + 2^(R-1) - 1) >> R; anchor m, or -(m + 1) =
-// ~m for y < 0, in ABITS bits; residual m * 2^R - code + 2^(R-1), in [1, 2^R).
+// ~m for y < 0, in ABITS bits; residual m * 2^R - code + 2^(R-1), in [1, 2^R). (The
+// codes ~nc cost nothing: the two additions take -nc - 1 and nc + 1 as operands.)
 template <int ABITS>
-__device__ __forceinline__ void split4(unsigned int c, unsigned int s, unsigned int& a,
+__device__ __forceinline__ void split4(unsigned int nc, unsigned int s, unsigned int& a,
                                        unsigned int& r) {
+    const unsigned int c = ~nc;
     constexpr int R = 8 - ABITS;
     constexpr unsigned int ONES = 0x01010101u;
     const unsigned int x = c + ((1u << (R - 1)) - 1) * ONES;
@@ -424,7 +423,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     static_assert(LYNX || !MEAN, "uniform groups have no centre");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    float* s_thr = (float*)smem;  // [CODE_TABLE][2] magnitude code thresholds T, gaps H
+    float* s_thr = (float*)smem;  // [CODE_TABLE][2] code thresholds T and gaps H, reversed
     float* s_sthr = s_thr + 2 * CODE_TABLE;  // [256] u8 sigma thresholds
     float* s_sig = s_sthr + 256;         // [256] u8 sigma values
     const int NW = blockDim.x >> 5;
@@ -464,11 +463,14 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
         }
     }
     cp_async_commit();
-    // tables: T [CODE_TABLE], sigma thresholds and values [512], H [CODE_TABLE]; T and H
-    // interleaved here, for one 8-byte read
+    // tables: T [CODE_TABLE], sigma thresholds and values [512], H [CODE_TABLE]; here
+    // (T, H) pairs for one 8-byte read, in reverse (code_bits), then the sigma tables
     for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
         const int k = i - (CODE_TABLE + 512);
-        s_thr[i < CODE_TABLE ? 2 * i : k < 0 ? i + CODE_TABLE : 2 * k + 1] = tables[i];
+        const int to = i < CODE_TABLE ? 2 * (CODE_TABLE - 1 - i)
+                       : k < 0        ? i + CODE_TABLE
+                                      : 2 * (CODE_TABLE - 1 - k) + 1;
+        s_thr[to] = tables[i];
     }
     cp_async_wait();
     __syncthreads();
@@ -737,8 +739,8 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // Pass 2: the fields of every element, the per-token statistics first where needed.
     // (through a shuffle, which the compiler cannot fold: else it splits the constant
     // back out of the address, one more instruction an element)
-    const unsigned int thr_at =
-        __shfl_sync(FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 8 * MAGIC_BITS, 0);
+    const unsigned int thr_at = __shfl_sync(
+        FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 8 * (MAGIC_BITS + 128), 0);
     // the lane's first token's code fields (a token's are C * BITS / 8 bytes further)
     const long long e0 = ((long long)t0 * C + c0) >> 3;
     unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
@@ -822,9 +824,10 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
                 a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
                 cb[i] = code_bits(a[i], sg[i], valid ? mul[i] : 0.0f, thr_at, scale);
             }
-            // the even and odd values' codes and signs, 4 to a word (bitpack order: value
-            // 2k is in the lower field); a is never -0 (xn - mu rounds an exact 0 to +0)
-            // and never so small that y would round to 0, so its sign is y < 0
+            // the even and odd values' codes (as 255 - code) and signs, 4 to a word
+            // (bitpack order: value 2k is in the lower field); a is never -0 (xn - mu
+            // rounds an exact 0 to +0) and never so small that y would round to 0, so its
+            // sign is y < 0
             unsigned int ae, ao, re, ro;
             split4<ABITS>(gather4(cb[0], cb[2], cb[4], cb[6], LOW_BYTES),
                           gather4(__float_as_uint(a[0]), __float_as_uint(a[2]),
