@@ -61,7 +61,7 @@ SOURCE = (
 #define EPS 1e-6f          // lynxkv.codec.codes.EPS
 #define MAX_ABS 30000.0f   // lynxkv.codec.sections.MAX_ABS
 #define CODE_TABLE 128     // encode_tables.CODE_TABLE
-#define TABLES (2 * CODE_TABLE + 512)
+#define TABLES (CODE_TABLE + 512)
 #define SIGMA_STEPS 16.0f  // lynxkv.codec.lynx.SIGMA_U8_STEPS
 #define SIGMA_BIAS 239.0f  // lynxkv.codec.lynx.SIGMA_U8_BIAS
 #define FULL 0xffffffffu
@@ -228,27 +228,31 @@ __device__ __forceinline__ int rint_small(float r) {
 // is small, >= -1), whose bits index the table (stored in reverse); the sign bit of the
 // test below adds 1 where |y| < T (255 - f - 1 + 1 = 255 - f, the code f).
 //
-// The test: fl(|a| / s) >= T exactly where |a| / s > M = T - H (H = gap[f + 1], half the
-// gap below T: M is the midpoint, where the rounding turns; no float32 |a|, s put |a| / s
-// on it, as M has 25 significant bits), i.e. where |a| - M s > 0; for T = 0, H = 0 and
-// the test is >= 0. r1 = fl(|a| - T s), then r2 = fl(r1 + H s), two FMAs, has its sign:
-// near M, |a| and T s are within a factor 2, so |a| - T s is a multiple of u = ulp(T) *
-// ulp(s) / 2 (the last bit of the exact product) and, below 2^24 u, r1 is exact and r2
-// the correctly rounded sum, nonzero (a multiple of u / 4 that is not 0), so its sign
-// is kept; beyond, |r1| > 2 H s and the sign is r1's either way. Nothing is subnormal:
-// s >= EPS and T >= thr[1] keep u / 4 >= 2^-126 while thr[1] >= 2^-58, and it is near
-// 2^-24 for the largest alpha a codec takes (1e6; tests).
+// The test, from the table's V = pred(T), the float below T (-1 for T = 0, +inf kept):
+// fl(|a| / s) >= T exactly where |a| / s > M = V + ulp(V) / 2, the midpoint of V and T
+// where the rounding turns (no float32 |a|, s put |a| / s on it: M has 25 significant
+// bits), i.e. where |a| - V s - h s > 0, h = ulp(V) / 2 = 2^(e_V - 24), so h s = (V's
+// exponent bits as a float) * (s * 2^-24). r1 = fl(|a| - V s), then r2 = fl(r1 - h s),
+// two FMAs, has its sign: near M, |a| and V s are within a factor 2, so |a| - V s is a
+// multiple of u = ulp(V) ulp(s) / 2 (the last bit of the exact product) and, below 2^24
+// u, r1 is exact and r2 the correctly rounded difference, nonzero (a multiple of u / 4
+// that is not 0), so its sign is kept; beyond, |r1| > 2 h s and the sign is r1's either
+// way. Nothing is subnormal: s >= EPS and V >= pred(thr[1]) keep u / 4 >= 2^-126 while
+// thr[1] >= 2^-58, and it is near 2^-24 for the largest alpha a codec takes (1e6;
+// tests). The 4-byte entries matter: 8-byte (T, h) pairs, one read, cost more in shared
+// memory wavefronts (random entries conflict) than the two integer operations saved.
 #define MAGIC_BITS 0x4B400000u  // the bits of MAGIC
 #define MAGIC254 12583166.0f    // MAGIC + 254
-// ``thr_at`` is the shared-memory address of the (T, H) pairs minus 8 * (MAGIC_BITS +
-// 128) (mod 2^32): entry k = f + 1 is pair 127 - k, at thr_at + 8 * b.
-__device__ __forceinline__ unsigned int code_bits(float a, float s, float ar,
+// ``thr_at`` is the shared-memory address of the V entries minus 4 * (MAGIC_BITS + 128)
+// (mod 2^32): entry k = f + 1 is V[127 - k], at thr_at + 4 * b.
+__device__ __forceinline__ unsigned int code_bits(float a, float s, float s24, float ar,
                                                   unsigned int thr_at, float scale) {
-    float l, t, hg;
+    float l, v;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(ar, fabsf(a), 1.0f)));
     const unsigned int b = __float_as_uint(__fmaf_ru(l, -scale, MAGIC254));  // + 254 - f
-    asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(t), "=f"(hg) : "r"(thr_at + 8 * b));
-    const float r = __fmaf_rn(hg, s, __fmaf_rn(-t, s, fabsf(a)));
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(thr_at + 4 * b));
+    const float ve = __uint_as_float(__float_as_uint(v) & 0x7f800000u);  // 2^e_V
+    const float r = __fmaf_rn(-ve, s24, __fmaf_rn(-v, s, fabsf(a)));
     return b + (__float_as_uint(r) >> 31);
 }
 
@@ -423,8 +427,8 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     static_assert(LYNX || !MEAN, "uniform groups have no centre");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    float* s_thr = (float*)smem;  // [CODE_TABLE][2] code thresholds T and gaps H, reversed
-    float* s_sthr = s_thr + 2 * CODE_TABLE;  // [256] u8 sigma thresholds
+    float* s_thr = (float*)smem;         // [CODE_TABLE] code thresholds' pred, reversed
+    float* s_sthr = s_thr + CODE_TABLE;  // [256] u8 sigma thresholds
     float* s_sig = s_sthr + 256;         // [256] u8 sigma values
     const int NW = blockDim.x >> 5;
     float* s_pmin = s_sig + 256;  // LYNX: [NW][D] chunk minima, then maxima
@@ -448,32 +452,20 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // loop where the whole warp's are (its lanes take one branch).
     const bool lane_full = t0 + GB <= T;
     const bool warp_full = __all_sync(FULL, lane_full);
-    {
-        const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
-        InT* dst = tile + row0 * D + d0;
-        const int n = lane_full ? GB : max(0, min(GB, T - t0));
-#pragma unroll
-        for (int j = 0; j < GB; ++j) {
-            if (j < n) {
-                cp_async16(dst, from);
-                if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
+    // tables: T [CODE_TABLE], then the sigma thresholds and values [512]; here V = pred(T)
+    // in reverse (code_bits), then the sigma tables
+    auto load_tables = [&]() {
+        for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
+            const float t = tables[i];
+            if (i >= CODE_TABLE) {
+                s_thr[i] = t;
+            } else {
+                const unsigned int below = __float_as_uint(t) - 1;  // t > 0 finite: pred(t)
+                s_thr[CODE_TABLE - 1 - i] =
+                    t == 0.0f ? -1.0f : t == INF ? t : __uint_as_float(below);
             }
-            from += stride_t;
-            dst += D;
         }
-    }
-    cp_async_commit();
-    // tables: T [CODE_TABLE], sigma thresholds and values [512], H [CODE_TABLE]; here
-    // (T, H) pairs for one 8-byte read, in reverse (code_bits), then the sigma tables
-    for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
-        const int k = i - (CODE_TABLE + 512);
-        const int to = i < CODE_TABLE ? 2 * (CODE_TABLE - 1 - i)
-                       : k < 0        ? i + CODE_TABLE
-                                      : 2 * (CODE_TABLE - 1 - k) + 1;
-        s_thr[to] = tables[i];
-    }
-    cp_async_wait();
-    __syncthreads();
+    };
 
     // Pass 1: extremes of the lane's tokens, then of the warp's chunk, per channel.
     float cmin[8], cmax[8];
@@ -481,6 +473,23 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // with NaN-propagating pair instructions, float32 with one FMA an element: x * 0 +
     // acc stays zero unless some x is NaN or infinite); |x| > MAX_ABS too.
     bool nan = false;
+    const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
+    InT* dst = tile + row0 * D + d0;
+    const int n = lane_full ? GB : max(0, min(GB, T - t0));
+    // the tile global -> shared (every load of a thread in flight), then pass 1 from it
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+        if (j < n) {
+            cp_async16(dst, from);
+            if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
+        }
+        from += stride_t;
+        dst += D;
+    }
+    cp_async_commit();
+    load_tables();
+    cp_async_wait();
+    __syncthreads();
     if constexpr (sizeof(InT) == 2) {
         using P = Pair<InT>;
         typename P::T2 lo[4], hi[4];
@@ -740,7 +749,7 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // (through a shuffle, which the compiler cannot fold: else it splits the constant
     // back out of the address, one more instruction an element)
     const unsigned int thr_at = __shfl_sync(
-        FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 8 * (MAGIC_BITS + 128), 0);
+        FULL, (unsigned int)__cvta_generic_to_shared(s_thr) - 4 * (MAGIC_BITS + 128), 0);
     // the lane's first token's code fields (a token's are C * BITS / 8 bytes further)
     const long long e0 = ((long long)t0 * C + c0) >> 3;
     unsigned char* const a_codes = anchor + off_codes + e0 * ABITS;
@@ -822,7 +831,10 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
-                cb[i] = code_bits(a[i], sg[i], valid ? mul[i] : 0.0f, thr_at, scale);
+                // (s * 2^-24: one product a channel for two tokens, one a token for a
+                // token's chunk; kept per channel instead, 8 more registers spill)
+                const float s24 = __fmul_rn(sg[i], 0x1p-24f);
+                cb[i] = code_bits(a[i], sg[i], s24, valid ? mul[i] : 0.0f, thr_at, scale);
             }
             // the even and odd values' codes (as 255 - code) and signs, 4 to a word
             // (bitpack order: value 2k is in the lower field); a is never -0 (xn - mu

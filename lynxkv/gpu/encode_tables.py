@@ -40,7 +40,6 @@ __all__ = [
     "ESTIMATE_ERROR",
     "TABLES",
     "Regions",
-    "code_gaps",
     "code_thresholds",
     "encode_tables",
     "magnitude_estimate",
@@ -54,16 +53,15 @@ __all__ = [
 
 #: Entries of the code threshold table (a lynx top code is at most 126).
 CODE_TABLE = 128
-#: float32 entries of the kernel's table: code thresholds, sigma thresholds, sigma values,
-#: then the code thresholds' half gaps (:func:`code_gaps`).
-TABLES = CODE_TABLE + 256 + 256 + CODE_TABLE
+#: float32 entries of the kernel's table: code thresholds, sigma thresholds, sigma values.
+TABLES = CODE_TABLE + 256 + 256
 #: Error of the kernel's estimates the tests allow (the window is 1/2 each way; the rest
 #: is margin for numpy's own float32 rounding), and gpu_support half of it.
 ESTIMATE_ERROR = 0.25
 #: Bound of lg2.approx.f32's error (PTX ISA: 2^-22.6 absolute in [0.5, 2], 2^-22
 #: relative elsewhere), taken as 2^-21 absolute per unit of |log2|, plus 2^-22 relative
 #: error of its argument 1 + (alpha / s) |a| (rcp.approx's ulp, alpha / s and the FMA
-#: rounded).
+#: rounded: the kernel never forms y = a / s).
 _LG2_ERROR = 2.0**-21
 #: Alignment of every code plane in the device output buffer (bytes).
 ALIGN = 16
@@ -102,20 +100,6 @@ def code_thresholds(spec: CodecSpec, kv: KV) -> NDArray[np.float32]:
 
 
 @functools.cache
-def code_gaps(spec: CodecSpec, kv: KV) -> NDArray[np.float32]:
-    """[CODE_TABLE] float32: half the gap below each threshold, ``(T - pred(T)) / 2``
-    (0 for ``thr[0] = 0`` and the +inf entries): the quotient ``fl(a / s)`` reaches T
-    exactly where ``a / s > T - H`` (no float32 a and s make it equal: ``T - H`` needs
-    25 significant bits), which the kernel decides without dividing."""
-    thr = code_thresholds(spec, kv)
-    gap = np.zeros(CODE_TABLE, dtype=np.float32)
-    finite = np.isfinite(thr) & (thr > 0)
-    below = np.nextafter(thr[finite], np.float32(0))
-    gap[finite] = (thr[finite] - below) / np.float32(2)  # a power of two: exact
-    return gap
-
-
-@functools.cache
 def sigma_thresholds() -> NDArray[np.float32]:
     """[256] float32: the smallest spread whose u8 sigma field is k (0 for k = 0)."""
     thr = np.zeros(256, dtype=np.float32)
@@ -125,9 +109,7 @@ def sigma_thresholds() -> NDArray[np.float32]:
 
 def encode_tables(spec: CodecSpec, kv: KV) -> NDArray[np.float32]:
     """[TABLES] float32, as the kernel loads them into shared memory."""
-    return np.concatenate(
-        [code_thresholds(spec, kv), sigma_thresholds(), lynx.sigma_table(), code_gaps(spec, kv)]
-    )
+    return np.concatenate([code_thresholds(spec, kv), sigma_thresholds(), lynx.sigma_table()])
 
 
 def magnitude_scale(spec: CodecSpec, kv: KV) -> np.float32:

@@ -42,7 +42,6 @@ from lynxkv.gpu.encode_tables import (
     ALIGN,
     ESTIMATE_ERROR,
     TABLES,
-    code_gaps,
     code_thresholds,
     magnitude_estimate,
     magnitude_estimate_error,
@@ -152,7 +151,7 @@ def test_kernel_constants_are_the_codecs() -> None:
     """The kernel source's copies of the constants it shares with Python."""
     assert f"#define SIGMA_STEPS {lynx.SIGMA_U8_STEPS:.1f}f" in SOURCE
     assert f"#define SIGMA_BIAS {lynx.SIGMA_U8_BIAS:.1f}f" in SOURCE
-    assert f"#define TABLES (2 * CODE_TABLE + {TABLES - 256})" in SOURCE
+    assert f"#define TABLES (CODE_TABLE + {TABLES - 128})" in SOURCE
 
 
 def test_gpu_support_refuses_an_alpha_too_small_for_the_estimate() -> None:
@@ -168,12 +167,26 @@ def test_first_code_step_is_far_above_subnormals_for_any_codec_alpha() -> None:
     assert code_thresholds(spec, "v")[1] >= 2.0**-26
 
 
-def _reached(a: Any, s: Any, t: float, gap: float) -> list[bool]:
-    """The kernel's test that fl(|a| / s) reaches t, in exact arithmetic: |a| - (t - gap) s
-    is positive (>= 0 for t = 0; code_bits's two FMAs give its sign)."""
-    m = Fraction(t) - Fraction(gap)
-    diff = [abs(Fraction(x)) - m * Fraction(y) for x, y in zip(a.tolist(), s.tolist(), strict=True)]
-    return [d >= 0 if t == 0 else d > 0 for d in diff]
+def _below(thr: Any) -> Any:
+    """The kernel's table entries V (code_bits): pred(T), -1 for T = 0, +inf kept."""
+    out = np.nextafter(thr, np.float32(0)).astype(np.float32)
+    out[thr == 0] = -1.0
+    out[np.isinf(thr)] = np.inf
+    return out
+
+
+def _reached(a: Any, s: Any, v: float, half_ulp: float) -> list[bool]:
+    """The kernel's test that fl(|a| / s) reaches pred^-1(v), in exact arithmetic:
+    |a| - (v + half_ulp) s is positive (code_bits's two FMAs give its sign)."""
+    m = Fraction(v) + Fraction(half_ulp)
+    pairs = zip(a.tolist(), s.tolist(), strict=True)
+    return [abs(Fraction(x)) - m * Fraction(y) > 0 for x, y in pairs]
+
+
+def _half_ulp(v: float) -> float:
+    """2^(e_v - 24): the kernel's V's exponent bits as a float, times 2^-24."""
+    bits = np.array([v], dtype=np.float32).view(np.uint32) & np.uint32(0x7F800000)
+    return float(bits.view(np.float32)[0]) * 2.0**-24
 
 
 def _quotients_around(t: np.float32, rng: np.random.Generator) -> tuple[Any, Any]:
@@ -190,34 +203,44 @@ def _quotients_around(t: np.float32, rng: np.random.Generator) -> tuple[Any, Any
 
 
 @pytest.mark.parametrize("name", LYNX)
-def test_code_gaps_decide_the_rounded_quotient(name: str) -> None:
-    """The kernel decides |y| = fl(|a| / s) >= T from a and s (code_bits): with the gap
-    H below each threshold the test agrees with numpy's division at and around every
-    threshold, for scales from EPS to 2; and 0 is reached by every value, +inf by none."""
+def test_code_test_decides_the_rounded_quotient(name: str) -> None:
+    """The kernel decides |y| = fl(|a| / s) >= T from a, s and V = pred(T) (code_bits):
+    |a| / s > V + ulp(V) / 2 agrees with numpy's division at and around every threshold,
+    for scales from EPS to 2 (a power-of-two T included: its V is in the binade below);
+    T = 0 (V = -1) is reached by every value. (T = +inf is kept: -inf s + |a| = -inf.)"""
     spec = CODECS[name]
     rng = np.random.default_rng(len(name) + 7)
     for kv in ("k", "v"):
-        thr, gap = code_thresholds(spec, kv), code_gaps(spec, kv)
-        assert gap[0] == 0 and (gap[spec.top_code + 1 :] == 0).all()
+        thr = code_thresholds(spec, kv)
+        v = _below(thr)
         for k in range(1, spec.top_code + 1):
             a, s = _quotients_around(thr[k], rng)
             want = np.abs(a) / s >= thr[k]  # float32 division, correctly rounded
             assert want.any() and not want.all()
-            assert _reached(a, s, float(thr[k]), float(gap[k])) == want.tolist(), (kv, k)
+            got = _reached(a, s, float(v[k]), _half_ulp(float(v[k])))
+            assert got == want.tolist(), (kv, k)
         a, s = _quotients_around(thr[1], rng)
-        assert all(_reached(np.append(a, 0.0), np.append(s, 1.0), 0.0, 0.0))
+        a, s = np.append(a, 0.0), np.append(s, 1.0)
+        assert v[0] == -1 and all(_reached(a, s, -1.0, _half_ulp(-1.0)))
+        assert np.isinf(v[spec.top_code + 1 :]).all()
+    two = np.float32(0.5)  # a power of two: pred is in the binade below, ulp half as large
+    a, s = _quotients_around(two, rng)
+    below = float(_below(np.array([two]))[0])
+    got = _reached(a, s, below, _half_ulp(below))
+    assert got == (np.abs(a) / s >= two).tolist()
 
 
-def test_code_gap_test_can_fail() -> None:
-    """A gap of a whole step (not half) moves some decision: the test above is real."""
+def test_code_test_can_fail() -> None:
+    """With V's own ulp (not half of it) some decisions move: the test above is real."""
     spec = CODECS["lynx-a4"]
-    thr, gap = code_thresholds(spec, "k"), code_gaps(spec, "k")
+    thr = code_thresholds(spec, "k")
+    v = _below(thr)
     rng = np.random.default_rng(3)
     wrong = 0
     for k in range(1, spec.top_code + 1):
         a, s = _quotients_around(thr[k], rng)
         want = (np.abs(a) / s >= thr[k]).tolist()
-        wrong += _reached(a, s, float(thr[k]), 2 * float(gap[k])) != want
+        wrong += _reached(a, s, float(v[k]), 2 * _half_ulp(float(v[k]))) != want
     assert wrong > 0
 
 
