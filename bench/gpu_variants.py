@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import inspect
 import json
 import statistics
 from pathlib import Path
@@ -58,10 +59,12 @@ class Variant:
         self.row_table = macros.pop("ROW_TABLE", "0") == "1"  # the int64 row table
         self.defines = tuple(f"{k}={v}" for k, v in sorted(macros.items()))
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
+        self.name_of: Any = None  # an earlier encode kernel's instantiation names
 
     def encode_run(self, case: EncodeCase, source: str) -> None:
         defines = (*self.defines, f"ENC_MIN_BLOCKS={self.enc_min_blocks}")
-        case.run(defines=defines, source=source)
+        naming = {} if self.name_of is None else {"name_of": self.name_of}
+        case.run(defines=defines, source=source, **naming)
 
     def run(self, case: Case, full: bool) -> None:
         case.run(
@@ -74,12 +77,16 @@ class Variant:
         )
 
 
-def _load_source(path: Path) -> str:
+def _load_module(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location("old_source", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return str(module.SOURCE)
+    return module
+
+
+def _load_source(path: Path) -> str:
+    return str(_load_module(path).SOURCE)
 
 
 STREAM_SOURCE = r"""
@@ -181,7 +188,10 @@ def main() -> None:
     result: dict[str, Any] = {}
     enc_variants = [(v, ENC_SOURCE) for v in variants if v.label != "old"]
     if args.old_encode is not None:
-        enc_variants.insert(0, (Variant("old"), _load_source(args.old_encode)))
+        old, module = Variant("old"), _load_module(args.old_encode)
+        if "fast" not in inspect.signature(module.kernel_name).parameters:  # before FAST
+            old.name_of = lambda *args, fast=False: module.kernel_name(*args)
+        enc_variants.insert(0, (old, str(module.SOURCE)))
     for codec in filter(None, args.encode.split(",")):
         result[f"encode[{codec}]"] = _encode_variants(codec, enc_variants, n, args)
     for i, item in enumerate(filter(None, args.codecs.split(","))):

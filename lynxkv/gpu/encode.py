@@ -26,7 +26,7 @@ encoder on a host copy, with identical bytes; ``backend="cupy"`` raises instead.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from lynxkv.gpu.encode_tables import (
     ESTIMATE_ERROR,
     TABLES,
     Regions,
+    certain_margin,
     encode_tables,
     magnitude_estimate_error,
     magnitude_scale,
@@ -59,6 +60,12 @@ _CUDA_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.f
 _HEAD_DIMS = (8, 16, 32, 64, 128, 256)
 #: Jobs per launch (the grid's z dimension).
 MAX_GRID_Z = 65535
+#: Largest encode_tables.certain_margin at which the kernel rounds its code estimate
+#: before reading the table (FAST): a value falls within the margin of a step with
+#: probability about 2 * margin, so a lane redoes about 2 * margin * 8 of its tokens;
+#: on the H200 lynx-a4's V (margin 1.8e-4) and lynx-a4-paper's K and V (1.1e-4) gained
+#: with it, lynx-a4's K (1.4e-3) lost (bench/gpu_variants.py; docs/benchmarks.md).
+FAST_MARGIN = 5e-4
 #: Tokens per block of the uniform kernel (its groups need no page).
 UNIFORM_BLOCK = 256
 _Payloads = dict[tuple[Stream, int, KV], Bytes]
@@ -350,6 +357,7 @@ def launch_encode(
     *,
     defines: tuple[str, ...] = (),
     source: str = SOURCE,
+    name_of: Callable[..., str] = kernel_name,
 ) -> None:
     """One launch per ``MAX_GRID_Z`` rows of ``jobs`` (int64 [n, 3] on the device: source
     element (0, 0, 0), anchor payload and residual payload addresses; code planes
@@ -357,7 +365,8 @@ def launch_encode(
     are the sources' token and head strides in elements. ORs input problems into
     ``status`` (int32: 1 NaN or inf, 2 too large). On torch's current stream.
     ``defines`` (``NAME=VALUE`` macros) and ``source`` compile another form of the kernel
-    (bench/gpu_variants.py)."""
+    (bench/gpu_variants.py), ``name_of`` names its instantiations (an earlier kernel's
+    ``kernel_name``)."""
     from lynxkv.gpu.device import _stream, cupy, ptr
 
     cupy()  # MissingDependency, naming the install command, without CuPy
@@ -368,7 +377,7 @@ def launch_encode(
         if lynx
         else not (kv == "k" and spec.groups == "kivi")
     )
-    name = kernel_name(
+    args = (
         _CUDA_TYPES[dtype],
         dim,
         lynx,
@@ -377,6 +386,10 @@ def launch_encode(
         lynx and spec.chunk_meta == "u8",
         lynx and spec.center == "mean",
     )
+    # codes without the table read where the margin leaves few values to redo
+    margin = certain_margin(spec, kv) if lynx else 0.5
+    fast = margin < FAST_MARGIN
+    name = name_of(*args, fast=fast) if fast else name_of(*args)
     kernel = _kernel(name, defines, source)
     smem = _shared_bytes(spec, dim, dtype)
     if kernel.max_dynamic_shared_size_bytes < smem:
@@ -397,6 +410,7 @@ def launch_encode(
         np.int64(plan.off_codes),
         np.float32(spec.alpha(kv)),
         magnitude_scale(spec, kv) if lynx else np.float32(0),
+        np.float32(0.5 - margin),
     )
     stream = _stream(torch.cuda.current_stream(jobs.device).cuda_stream)
     with stream:

@@ -256,6 +256,22 @@ __device__ __forceinline__ unsigned int code_bits(float a, float s, float s24, f
     return b + (__float_as_uint(r) >> 31);
 }
 
+// The code without the table, where the estimate allows it: round(e) (as code_bits,
+// 255 - code in the low byte), and ``near`` set where e is within the margin of a step
+// (|e - round(e)| >= half_m = 1/2 - encode_tables.certain_margin): outside it numpy's
+// steps, within d_np of k - 1/2, and the estimate's error leave one code possible; a
+// lane with a value near a step redoes its token's with code_bits.
+#define MAGIC255 12583167.0f  // MAGIC + 255
+__device__ __forceinline__ unsigned int code_round(float a, float ar, float scale,
+                                                   float half_m, bool& near) {
+    float l;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(__fmaf_rn(ar, fabsf(a), 1.0f)));
+    const float rb = __fmaf_rn(l, -scale, MAGIC255);                // MAGIC255 - round(e)
+    const float d = __fmaf_rn(l, scale, __fsub_rn(rb, MAGIC255));  // e - round(e)
+    near |= !(fabsf(d) < half_m);
+    return __float_as_uint(rb);
+}
+
 // prmt.b32 (default mode: a selector nibble with bit 3 set copies the sign of its byte).
 __device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int s) {
     unsigned int r;
@@ -413,13 +429,15 @@ struct Pair<__half> : PairOf<__half2, 0x7c00u, 0xfc00u> {};
 // LYNX: the lynx codec (page stage, log companding), else uniform. BY_TOKEN: chunk
 // statistics per token over a head's D channels (else per channel over 32 tokens).
 // U8: lynx chunk fields are u8 (else float16). MEAN: lynx chunks centred on their mean
-// (else on the middle of their range).
-template <typename InT, int D, bool LYNX, int ABITS, bool BY_TOKEN, bool U8, bool MEAN>
+// (else on the middle of their range). FAST: lynx codes from code_round where it can
+// (the host's choice: where few values fall within its margin).
+template <typename InT, int D, bool LYNX, int ABITS, bool BY_TOKEN, bool U8, bool MEAN,
+          bool FAST>
 __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     const EncJob* __restrict__ jobs, const float* __restrict__ tables, int* __restrict__ status,
     int T, int H, int page_tokens, long long stride_t, long long stride_h,
     long long off_scale, long long off_mu, long long off_sigma, long long off_codes,
-    float alpha, float scale) {
+    float alpha, float scale, float half_m) {
     constexpr int RBITS = 8 - ABITS;
     constexpr int GB = D / 8;  // channel groups of a head = tokens per lane
     static_assert(D >= 8 && D <= 256 && (32 % GB) == 0, "head_dim must be 8 << n, <= 256");
@@ -828,13 +846,22 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             // chunk's metadata (NaN in a warp without tokens: no extremes).
             float a[8];
             unsigned int cb[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
+            bool near = false;
+            auto exact = [&](int i) {
                 // (s * 2^-24: one product a channel for two tokens, one a token for a
                 // token's chunk; kept per channel instead, 8 more registers spill)
                 const float s24 = __fmul_rn(sg[i], 0x1p-24f);
-                cb[i] = code_bits(a[i], sg[i], s24, valid ? mul[i] : 0.0f, thr_at, scale);
+                return code_bits(a[i], sg[i], s24, valid ? mul[i] : 0.0f, thr_at, scale);
+            };
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
+                cb[i] = FAST ? code_round(a[i], valid ? mul[i] : 0.0f, scale, half_m, near)
+                             : exact(i);
+            }
+            if (FAST && near) {  // (only such lanes read the table)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) cb[i] = exact(i);
             }
             // the even and odd values' codes (as 255 - code) and signs, 4 to a word
             // (bitpack order: value 2k is in the lower field); a is never -0 (xn - mu
@@ -984,8 +1011,10 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     };
     if (LYNX && BY_TOKEN && GB >= 2) {
         if (warp_full) {
+#pragma unroll 1
             for (int j = 0; j < GB; j += 2) encode_pair(j, true);
         } else {
+#pragma unroll 1
             for (int j = 0; j < GB; j += 2) encode_pair(j, false);
         }
     } else if (warp_full) {
@@ -1019,7 +1048,14 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
 
 
 def kernel_name(
-    source: str, dim: int, lynx: bool, a_bits: int, by_token: bool, u8: bool, mean: bool
+    source: str,
+    dim: int,
+    lynx: bool,
+    a_bits: int,
+    by_token: bool,
+    u8: bool,
+    mean: bool,
+    fast: bool = False,
 ) -> str:
     """The C++ name of one instantiation (``source``: ``__nv_bfloat16``, ``__half``, ``float``)."""
 
@@ -1028,5 +1064,5 @@ def kernel_name(
 
     return (
         f"encode<{source}, {dim}, {flag(lynx)}, {a_bits}, {flag(by_token)}, "
-        f"{flag(u8)}, {flag(mean)}>"
+        f"{flag(u8)}, {flag(mean)}, {flag(fast)}>"
     )

@@ -40,6 +40,7 @@ __all__ = [
     "ESTIMATE_ERROR",
     "TABLES",
     "Regions",
+    "certain_margin",
     "code_thresholds",
     "encode_tables",
     "magnitude_estimate",
@@ -123,6 +124,28 @@ def magnitude_estimate_error(spec: CodecSpec, kv: KV) -> float:
     float32 rounding of its argument) beyond what :func:`magnitude_estimate` models."""
     log_span = max(1.0, float(np.log2(1.0 + spec.alpha(kv))))
     return float(magnitude_scale(spec, kv)) * (_LG2_ERROR * log_span + 2.0**-22 / math.log(2.0))
+
+
+@functools.cache
+def certain_margin(spec: CodecSpec, kv: KV) -> float:
+    """How far from a half-integer the kernel's estimate ``e`` must be for its rounding to
+    be the code (no table read): numpy's steps lie within ``d_np`` of k - 1/2 in the
+    kernel's units (measured here on every threshold: ``e`` of the threshold and of the
+    float below it), the estimate within :func:`magnitude_estimate_error` of ``e``, plus
+    2^-20 for the rounding of the distance itself. At most 1/2 (then no value is)."""
+    thr = code_thresholds(spec, kv)[1 : spec.top_code + 1]
+    k = np.arange(1, spec.top_code + 1, dtype=np.float64) - 0.5
+    alpha = np.float64(np.float32(spec.alpha(kv)))
+    scale = np.float64(magnitude_scale(spec, kv))
+
+    def e(x: NDArray[np.float32]) -> NDArray[np.float64]:
+        out: NDArray[np.float64] = np.log2(1.0 + alpha * x.astype(np.float64)) * scale
+        return out
+
+    d_np = max(
+        0.0, float((e(np.nextafter(thr, np.float32(0))) - k).max()), float((k - e(thr)).max())
+    )
+    return min(0.5, d_np + magnitude_estimate_error(spec, kv) + 2.0**-20)
 
 
 def magnitude_estimate(

@@ -25,7 +25,7 @@ from lynxkv.codec import encode as numpy_encode
 from lynxkv.codec import encode_chunks as numpy_encode_chunks
 from lynxkv.codec.bitpack import pack
 from lynxkv.codec.container import assemble_object
-from lynxkv.codec.sections import DTYPES, encode_tensor
+from lynxkv.codec.sections import DTYPES, KV, encode_tensor
 from lynxkv.errors import CodecError, FormatError, MissingDependency
 from lynxkv.gpu import (
     compare_objects,
@@ -42,10 +42,12 @@ from lynxkv.gpu.encode_tables import (
     ALIGN,
     ESTIMATE_ERROR,
     TABLES,
+    certain_margin,
     code_thresholds,
     magnitude_estimate,
     magnitude_estimate_error,
     magnitude_from_thresholds,
+    magnitude_scale,
     regions,
     sigma_estimate,
     sigma_thresholds,
@@ -124,6 +126,47 @@ def test_code_estimate_is_one_step_below_or_exact(name: str) -> None:
         for error in (-ESTIMATE_ERROR, 0.0, ESTIMATE_ERROR):
             step = exact - magnitude_estimate(a, spec, kv, error)
             assert set(np.unique(step)) <= {0, 1}, (kv, error, np.unique(step))
+
+
+def _rounded_where_certain(name: str, kv: KV, margin: float) -> tuple[int, int]:
+    """Values at and around every threshold and across [0, 1], the kernel's estimate
+    anywhere within its error bound: (values whose rounded estimate the kernel keeps,
+    how many of those differ from numpy's code)."""
+    spec = CODECS[name]
+    thr = code_thresholds(spec, kv)[1 : spec.top_code + 1]
+    a = np.concatenate([np.linspace(0, 1, 1 << 18, dtype=np.float32), _near(thr), [0, 1]])
+    a = a.astype(np.float32)
+    want = magnitude_from_thresholds(a, spec, kv).astype(np.int64)
+    alpha = float(np.float32(spec.alpha(kv)))
+    e = np.log2(1.0 + alpha * a.astype(np.float64)) * float(magnitude_scale(spec, kv))
+    bound = magnitude_estimate_error(spec, kv)
+    kept = wrong = 0
+    for err in (-bound, -bound / 2, 0.0, bound / 2, bound):
+        est = e + err
+        rounded = np.rint(est)
+        certain = np.abs(est - rounded) < 0.5 - margin
+        kept += int(certain.sum())
+        wrong += int((rounded[certain] != want[certain]).sum())
+    return kept, wrong
+
+
+@pytest.mark.parametrize("name", LYNX)
+def test_rounded_estimate_is_the_code_outside_the_margin(name: str) -> None:
+    """The kernel takes round(e) without a table read where e is farther than
+    certain_margin from a step (code_round): there it is numpy's code, for every error of
+    the estimate within its bound; and that is nearly every value."""
+    kinds: tuple[KV, ...] = ("k", "v")
+    for kv in kinds:
+        margin = certain_margin(CODECS[name], kv)
+        assert margin < 0.01
+        kept, wrong = _rounded_where_certain(name, kv, margin)
+        assert wrong == 0 and kept > 0.9 * 5 * (1 << 18), (kv, kept, wrong)
+
+
+def test_rounded_estimate_margin_is_needed() -> None:
+    """Without the margin (rounding kept right up to the half-integers) codes move: the
+    test above can fail."""
+    assert _rounded_where_certain("lynx-a4", "k", 0.0)[1] > 0
 
 
 def test_code_estimate_window_is_real() -> None:
