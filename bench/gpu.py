@@ -53,7 +53,7 @@ from lynxkv.gpu import encode_chunks as gpu_encode_chunks
 from lynxkv.gpu.compare import CodeDiff, compare_sections
 from lynxkv.gpu.cuda_source import ROWS_AFFINE, ROWS_TABLE, ROWS_UNITS
 from lynxkv.gpu.device import launch_dequant
-from lynxkv.gpu.encode import launch_encode
+from lynxkv.gpu.encode import launch_encode, side_stream
 from lynxkv.gpu.encode_tables import regions
 from lynxkv.gpu.staging import aligned_offsets
 from lynxkv.gpu.tables import make_plan
@@ -235,20 +235,27 @@ class EncodeCase:
             self.inputs[kv], self.out[kv] = x, out
         self.status = torch.zeros(1, dtype=torch.int32, device=dev)
 
-    def run(self, **variant: Any) -> None:
-        """Both kinds once; ``variant``: launch_encode's ``defines`` and ``source``."""
+    def run(self, streams: int = 2, **variant: Any) -> None:
+        """Both kinds once, as encode() launches them: V on a second stream beside K
+        (``streams=1``: one after the other); ``variant``: launch_encode's ``defines``
+        and ``source``."""
+        main = torch.cuda.current_stream()
+        side = side_stream(main.device) if streams == 2 else main
+        side.wait_stream(main)
         for kv in ("k", "v"):
             x = self.inputs[kv]
-            launch_encode(
-                self.spec,
-                kv,
-                (T, H, D),
-                torch.bfloat16,
-                self.jobs[kv],
-                (x.stride(2), x.stride(1)),
-                self.status,
-                **variant,
-            )
+            with torch.cuda.stream(side if kv == "v" else main):
+                launch_encode(
+                    self.spec,
+                    kv,
+                    (T, H, D),
+                    torch.bfloat16,
+                    self.jobs[kv],
+                    (x.stride(2), x.stride(1)),
+                    self.status,
+                    **variant,
+                )
+        main.wait_stream(side)
 
     def check(self) -> CodeDiff:
         """A sample of sections against the numpy encoder, field by field."""

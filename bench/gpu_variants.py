@@ -57,6 +57,7 @@ class Variant:
         self.enc_min_blocks = int(macros.get("MIN_BLOCKS", ENC_MIN_BLOCKS))
         self.min_blocks = int(macros.pop("MIN_BLOCKS", MIN_BLOCKS))
         self.row_table = macros.pop("ROW_TABLE", "0") == "1"  # the int64 row table
+        self.streams = int(macros.pop("STREAMS", "2"))  # encode: 1 = V after K, one stream
         self.defines = tuple(f"{k}={v}" for k, v in sorted(macros.items()))
         self.checked = not any(d.startswith("SKELETON=") for d in self.defines)
         self.name_of: Any = None  # an earlier encode kernel's instantiation names
@@ -64,7 +65,7 @@ class Variant:
     def encode_run(self, case: EncodeCase, source: str) -> None:
         defines = (*self.defines, f"ENC_MIN_BLOCKS={self.enc_min_blocks}")
         naming = {} if self.name_of is None else {"name_of": self.name_of}
-        case.run(defines=defines, source=source, **naming)
+        case.run(self.streams, defines=defines, source=source, **naming)
 
     def run(self, case: Case, full: bool) -> None:
         case.run(

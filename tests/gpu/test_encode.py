@@ -611,6 +611,22 @@ def test_gpu_encode_head_dims(name: str, dim: int) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+def test_gpu_encode_waits_for_the_producer_of_both_kinds() -> None:
+    """K and V are encoded on two streams: both wait for what the current stream is
+    still writing (here: K and V filled in behind a kernel that holds the stream)."""
+    kv = make_kv(52, layers=2, tokens=300, heads=2, dim=64)
+    k, v = _tensors(kv, "thd", "cuda")
+    late_k = [torch.zeros_like(x) for x in k]
+    late_v = [torch.zeros_like(x) for x in v]
+    torch.cuda._sleep(50_000_000)  # about 25 ms on the stream
+    for dst, src in zip([*late_k, *late_v], [*k, *v], strict=True):
+        dst.copy_(src)
+    got = encode(late_k, late_v, "lynx-a4", backend="cupy")
+    _assert_contract(got, numpy_encode(kv, "lynx-a4"))
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_encode_chunks_of_a_strided_cache() -> None:
     kv = make_kv(41, layers=2, tokens=300, heads=2, dim=64)
     k, v = _tensors(kv, "hnd", "cuda")
