@@ -12,14 +12,19 @@ every load of a thread in flight together) and read from there by both passes:
    with lynx, one thread a channel reduces them over the block's warps to the page's
    extremes and its metadata, left in shared memory for the lanes;
 2. the chunk metadata, rounded to their stored precision first (as the numpy codec
-   does), then every element's fields, 8 at a time: codes and signs gathered 4 to a
-   word, split into anchor and residual fields byte-parallel.
+   does; per-channel chunks: half the channels by each of two lanes, per-token chunks:
+   two tokens a step, one reduced and described by each lane of a pair), then every
+   element's fields, 8 at a time: codes and signs gathered 4 to a word, split into
+   anchor and residual fields byte-parallel.
 
 Arithmetic: float32 with explicit round-to-nearest intrinsics (no FMA contraction), in
 the numpy codec's order. The two transcendental steps read decision tables built from
 numpy's own functions (``lynxkv.gpu.encode_tables``): a fast approximate code, the
 field or one below it, is decided by one threshold read, so the result is numpy's
-wherever numpy's function is monotone. Chunk extremes of ``xn`` come from the
+wherever numpy's function is monotone. The lynx code's read compares y = (xn - mu) /
+(sigma + EPS) with a threshold without forming y (``code_bits``), and where the host
+allows it (``code_round``) a value far enough from every step takes its rounded
+estimate and reads nothing. Chunk extremes of ``xn`` come from the
 extremes of ``x`` (the map is monotone), so only lynx-a4-paper's mean needs another
 sweep (one lane per channel, in token order, to add in numpy's order).
 
@@ -27,13 +32,14 @@ Divisions by a shared divisor (per channel or token) take its reciprocal once an
 element only div.rn's fast path (``div_fast``), exact for the operand range it accepts;
 where a proof covers every division of a lane, pass 2 runs a copy without checks.
 
-Measured (H200, bench/gpu.py, 2026-11-30 12:13 UTC, GPU time of the launches): 0.51 of
-copy bandwidth for lynx-a4, 0.79 for uniform-a4, 0.39 for lynx-a4-paper, with no field
+Measured (H200, bench/gpu.py, 2026-11-30 13:30 UTC at 2fb477c, GPU time of the
+launches, K's and V's kernels on two streams as encode() runs them): 0.605 of copy
+bandwidth for lynx-a4, 0.81 for uniform-a4, 0.49 for lynx-a4-paper, with no field
 differing from numpy's on the sampled sections; the target is 0.60. ``ncu``
-(bench/gpu_profile.py, at b3ee5ac): lynx-a4 30.7 (K) and 36.1 (V) instructions an
-element, issued on about 71% of scheduler cycles (68 / 76 at the first session's
-start), lynx-a4-paper 47.4; uniform-a4 17 and 23 (at a2ab895).
-docs/benchmarks.md has each step and the reading.
+(bench/gpu_profile.py, at 942eb81, before 97df4c3's 4-byte table entries): lynx-a4 27.7
+(K) and 29.2 (V) instructions an element (30.7 / 36.1 at b3ee5ac), with the L1/shared
+pipe at 83% of its throughput: the table reads' wavefronts, not the instructions, bound
+K since. docs/benchmarks.md has each step and the reading.
 
 Known gap: CuPy hands NVRTC ``-ftz=true`` after the caller's options (cupy/cupy#9576;
 the SASS on the H200 reads FADD.FTZ), so float32 arithmetic here flushes subnormals:
