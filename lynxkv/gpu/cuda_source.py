@@ -327,12 +327,12 @@ __device__ __forceinline__ void chunk_values(
     for (int i = 0; i < 8; ++i) csig[i] = __fadd_rn(csig[i], EPS);
 }
 // The same, loaded from element index o of [Q, C].
+// The raw mu and sigma fields of chunk field offset ``o`` (u8: 8 bytes each, else 8
+// float16), for chunk_values.
 template <bool U8>
-__device__ __forceinline__ void load_chunk(
-    const unsigned char* pay, long long off_mu, long long off_sigma, long long o,
-    const float* s_mu, const float* s_sig, float* cmu, float* csig) {
-    uint2 um = make_uint2(0, 0), us = um;
-    uint4 rm = make_uint4(0, 0, 0, 0), rs = rm;
+__device__ __forceinline__ void load_chunk_raw(const unsigned char* pay, long long off_mu,
+                                               long long off_sigma, long long o, uint2& um,
+                                               uint2& us, uint4& rm, uint4& rs) {
     if (U8) {
         um = __ldg((const uint2*)(pay + off_mu + o));
         us = __ldg((const uint2*)(pay + off_sigma + o));
@@ -340,6 +340,14 @@ __device__ __forceinline__ void load_chunk(
         rm = load_raw8(pay + off_mu + 2 * o);
         rs = load_raw8(pay + off_sigma + 2 * o);
     }
+}
+template <bool U8>
+__device__ __forceinline__ void load_chunk(
+    const unsigned char* pay, long long off_mu, long long off_sigma, long long o,
+    const float* s_mu, const float* s_sig, float* cmu, float* csig) {
+    uint2 um = make_uint2(0, 0), us = um;
+    uint4 rm = make_uint4(0, 0, 0, 0), rs = rm;
+    load_chunk_raw<U8>(pay, off_mu, off_sigma, o, um, us, rm, rs);
     chunk_values<U8>(um, us, rm, rs, s_mu, s_sig, cmu, csig);
 }
 
@@ -532,13 +540,7 @@ __device__ __forceinline__ void dequant_body(
             const int chunk = (unsigned int)t0 / (unsigned int)chunk_tokens;
             chunk_end = (chunk + 1) * chunk_tokens;
             const long long o = (long long)chunk * C + c0;
-            if (U8) {
-                umu = __ldg((const uint2*)(pay + off_mu + o));
-                usig = __ldg((const uint2*)(pay + off_sigma + o));
-            } else {
-                rmu = load_raw8(pay + off_mu + 2 * o);
-                rsig = load_raw8(pay + off_sigma + 2 * o);
-            }
+            load_chunk_raw<U8>(pay, off_mu, off_sigma, o, umu, usig, rmu, rsig);
         }
     }
 

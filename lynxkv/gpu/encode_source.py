@@ -476,20 +476,34 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // loop where the whole warp's are (its lanes take one branch).
     const bool lane_full = t0 + GB <= T;
     const bool warp_full = __all_sync(FULL, lane_full);
+    {
+        const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
+        InT* dst = tile + row0 * D + d0;
+        const int n = lane_full ? GB : max(0, min(GB, T - t0));
+#pragma unroll
+        for (int j = 0; j < GB; ++j) {
+            if (j < n) {
+                cp_async16(dst, from);
+                if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
+            }
+            from += stride_t;
+            dst += D;
+        }
+    }
+    cp_async_commit();
     // tables: T [CODE_TABLE], then the sigma thresholds and values [512]; here V = pred(T)
     // in reverse (code_bits), then the sigma tables
-    auto load_tables = [&]() {
-        for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
-            const float t = tables[i];
-            if (i >= CODE_TABLE) {
-                s_thr[i] = t;
-            } else {
-                const unsigned int below = __float_as_uint(t) - 1;  // t > 0 finite: pred(t)
-                s_thr[CODE_TABLE - 1 - i] =
-                    t == 0.0f ? -1.0f : t == INF ? t : __uint_as_float(below);
-            }
+    for (int i = threadIdx.x; i < TABLES; i += blockDim.x) {
+        const float t = tables[i];
+        if (i >= CODE_TABLE) {
+            s_thr[i] = t;
+        } else {
+            const unsigned int below = __float_as_uint(t) - 1;  // t > 0 finite: pred(t)
+            s_thr[CODE_TABLE - 1 - i] = t == 0.0f ? -1.0f : t == INF ? t : __uint_as_float(below);
         }
-    };
+    }
+    cp_async_wait();
+    __syncthreads();
 
     // Pass 1: extremes of the lane's tokens, then of the warp's chunk, per channel.
     float cmin[8], cmax[8];
@@ -497,23 +511,6 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
     // with NaN-propagating pair instructions, float32 with one FMA an element: x * 0 +
     // acc stays zero unless some x is NaN or infinite); |x| > MAX_ABS too.
     bool nan = false;
-    const InT* from = (const InT*)jb.src + h * stride_h + d0 + (long long)t0 * stride_t;
-    InT* dst = tile + row0 * D + d0;
-    const int n = lane_full ? GB : max(0, min(GB, T - t0));
-    // the tile global -> shared (every load of a thread in flight), then pass 1 from it
-#pragma unroll
-    for (int j = 0; j < GB; ++j) {
-        if (j < n) {
-            cp_async16(dst, from);
-            if (sizeof(InT) == 4) cp_async16(dst + 4, from + 4);
-        }
-        from += stride_t;
-        dst += D;
-    }
-    cp_async_commit();
-    load_tables();
-    cp_async_wait();
-    __syncthreads();
     if constexpr (sizeof(InT) == 2) {
         using P = Pair<InT>;
         typename P::T2 lo[4], hi[4];
@@ -853,21 +850,21 @@ __global__ void __launch_bounds__(256, ENC_MIN_BLOCKS) encode(
             float a[8];
             unsigned int cb[8];
             bool near = false;
-            auto exact = [&](int i) {
+            auto exact = [&](int i, float ai) {
                 // (s * 2^-24: one product a channel for two tokens, one a token for a
                 // token's chunk; kept per channel instead, 8 more registers spill)
                 const float s24 = __fmul_rn(sg[i], 0x1p-24f);
-                return code_bits(a[i], sg[i], s24, valid ? mul[i] : 0.0f, thr_at, scale);
+                return code_bits(ai, sg[i], s24, valid ? mul[i] : 0.0f, thr_at, scale);
             };
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 a[i] = valid ? __fsub_rn(x[i], mu[i]) : 0.0f;
                 cb[i] = FAST ? code_round(a[i], valid ? mul[i] : 0.0f, scale, half_m, near)
-                             : exact(i);
+                             : exact(i, a[i]);
             }
             if (FAST && near) {  // (only such lanes read the table)
 #pragma unroll
-                for (int i = 0; i < 8; ++i) cb[i] = exact(i);
+                for (int i = 0; i < 8; ++i) cb[i] = exact(i, a[i]);
             }
             // the even and odd values' codes (as 255 - code) and signs, 4 to a word
             // (bitpack order: value 2k is in the lower field); a is never -0 (xn - mu
