@@ -63,7 +63,7 @@ _HEAD_DIMS = (8, 16, 32, 64, 128, 256)
 MAX_GRID_Z = 65535
 #: Largest encode_tables.certain_margin at which the kernel rounds its code estimate
 #: before reading the table (FAST): a value falls within the margin of a step with
-#: probability about 2 * margin, so a lane redoes about 2 * margin * 8 of its tokens;
+#: probability about 2 * margin, so a lane redoes about 16 * margin of its tokens (8 values each);
 #: on the H200 lynx-a4's V (margin 1.8e-4) and lynx-a4-paper's K and V (1.1e-4) gained
 #: with it, lynx-a4's K (1.4e-3) lost (bench/gpu_variants.py; docs/benchmarks.md).
 FAST_MARGIN = 5e-4
